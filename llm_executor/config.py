@@ -1,0 +1,428 @@
+"""Configuration: ExecutorConfig, ProviderConfig and ``ExecutorConfig.from_env``.
+
+Values are frozen dataclasses validated at construction (``ConfigError`` names the field);
+``from_env`` reads the ``LLM_EXECUTOR_*`` variables plus the providers' own (OPENAI_API_KEY,
+GEMINI_API_KEY / GOOGLE_API_KEY, OLLAMA_HOST...) and names the *variable* in its errors.
+A ``.env`` file is read with python-dotenv and never written into ``os.environ``; real
+variables win. Keys are never shown in a repr or an error message.
+Imports: stdlib, ``errors``, python-dotenv.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+__all__ = [
+    "BUILTIN_PROVIDER_NAMES",
+    "DEFAULT_PROVIDERS",
+    "ExecutorConfig",
+    "ProviderConfig",
+    "mask_url",
+]
+
+BUILTIN_PROVIDER_NAMES: tuple[str, ...] = ("gemini", "openai", "ollama")
+DEFAULT_PROVIDERS: tuple[str, ...] = ("gemini", "openai", "ollama")
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+Backpressure = Literal["fail_fast", "block"]
+BackendFailure = Literal["fail_closed", "local"]
+
+
+def _check(cond: bool, what: str, expected: str, value: object) -> None:
+    if not cond:
+        raise ConfigError(f"{what}={value!r}: expected {expected}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_num(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    """Limits and endpoint of one provider lane.
+
+    Attributes:
+        max_parallel: requests in flight at once from this executor (per process).
+        qps: requests started per second (any sliding 1 s window); None = no limit.
+        rpm: requests started per minute; None = no limit.
+        tpm: tokens per minute (estimated before the call, reconciled after); None = no limit.
+        timeout: per-attempt HTTP read timeout, seconds.
+        connect_timeout: per-attempt HTTP connect timeout, seconds.
+        max_retries: retries of retryable errors (attempts = max_retries + 1).
+        max_retry_wait_s: a server-requested wait above this fails fast with RateLimitedError.
+        backoff_max_s: cap of our own exponential backoff between attempts.
+        base_url: endpoint override; None = the provider's default.
+        model: default model for requests with model "" and for provider "auto".
+        api_key: the credential (never shown in a repr).
+        global_max_parallel: in-flight cap across every process sharing the rate backend.
+        repair_attempts: re-asks with the validation error when structured output is invalid.
+        fallback: explicit requests to this provider may fall back to LLM_EXECUTOR_FALLBACKS.
+        reasoning_models: model-name prefixes that take max_completion_tokens and no temperature
+            (OpenAI); None = the adapter's default for its base URL.
+        options: adapter-specific settings (strings), e.g. {"organization": "org-..."}.
+    """
+
+    max_parallel: int = 4
+    qps: float | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    timeout: float = 60.0
+    connect_timeout: float = 10.0
+    max_retries: int = 3
+    max_retry_wait_s: float = 60.0
+    backoff_max_s: float = 30.0
+    base_url: str | None = None
+    model: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    global_max_parallel: int | None = None
+    repair_attempts: int = 0
+    fallback: bool = False
+    reasoning_models: tuple[str, ...] | None = None
+    options: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.max_parallel) and self.max_parallel >= 1, "max_parallel", "an integer >= 1",
+               self.max_parallel)
+        _check(self.qps is None or (_is_num(self.qps) and self.qps > 0), "qps",
+               "a positive number of requests per second or None", self.qps)
+        _check(self.rpm is None or (_is_int(self.rpm) and self.rpm >= 1), "rpm", "an integer >= 1 or None",
+               self.rpm)
+        _check(self.tpm is None or (_is_int(self.tpm) and self.tpm >= 1), "tpm", "an integer >= 1 or None",
+               self.tpm)
+        _check(_is_num(self.timeout) and self.timeout > 0, "timeout", "a positive number of seconds",
+               self.timeout)
+        _check(_is_num(self.connect_timeout) and self.connect_timeout > 0, "connect_timeout",
+               "a positive number of seconds", self.connect_timeout)
+        _check(_is_int(self.max_retries) and self.max_retries >= 0, "max_retries", "an integer >= 0",
+               self.max_retries)
+        _check(_is_num(self.max_retry_wait_s) and self.max_retry_wait_s >= 0, "max_retry_wait_s",
+               "a number of seconds >= 0", self.max_retry_wait_s)
+        _check(_is_num(self.backoff_max_s) and self.backoff_max_s >= 0, "backoff_max_s",
+               "a number of seconds >= 0", self.backoff_max_s)
+        _check(self.base_url is None or (isinstance(self.base_url, str) and self.base_url.strip() != ""),
+               "base_url", "a URL or None", self.base_url)
+        _check(self.model is None or isinstance(self.model, str), "model", "a model name or None", self.model)
+        if self.api_key is not None and not isinstance(self.api_key, str):
+            raise ConfigError(f"api_key: expected a string or None, got {type(self.api_key).__name__}")
+        _check(self.global_max_parallel is None or (_is_int(self.global_max_parallel)
+                                                    and self.global_max_parallel >= 1),
+               "global_max_parallel", "an integer >= 1 or None", self.global_max_parallel)
+        _check(_is_int(self.repair_attempts) and self.repair_attempts >= 0, "repair_attempts",
+               "an integer >= 0", self.repair_attempts)
+        _check(isinstance(self.fallback, bool), "fallback", "a bool", self.fallback)
+        _check(self.reasoning_models is None or (isinstance(self.reasoning_models, tuple)
+                                                 and all(isinstance(m, str) for m in self.reasoning_models)),
+               "reasoning_models", "a tuple of model-name prefixes or None", self.reasoning_models)
+        _check(isinstance(self.options, Mapping), "options", "a mapping of strings", self.options)
+
+    def describe(self) -> dict[str, Any]:
+        """A plain dict of the settings with the key masked, for ``llm-executor config``."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "api_key":
+                value = None if value is None else "***"
+            elif f.name == "base_url" and value is not None:
+                value = mask_url(value)
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorConfig:
+    """Settings of one Executor.
+
+    Attributes:
+        providers: enabled provider lanes by name. A custom provider passed to ``Executor`` without an
+            entry here runs with ``ProviderConfig()`` defaults.
+        queue_size: requests accepted but not yet started, per provider lane; 0 = unbounded.
+        backpressure: "fail_fast" (QueueFullError at once) or "block" (submit waits for a slot).
+        block_timeout: seconds a blocked submit waits before QueueFullError; None = forever.
+        rate_backend: "memory", "sqlite:///path" or "redis://host:port/db".
+        namespace: prefix of shared-backend keys.
+        fallbacks: ordered providers to fall back to after retryable failures.
+        priority_aging_s: a request waiting this long counts as one priority step higher.
+        backend_failure: when a shared backend is lost mid-run: "fail_closed" or "local".
+    """
+
+    providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
+    queue_size: int = 100
+    backpressure: Backpressure = "fail_fast"
+    block_timeout: float | None = None
+    rate_backend: str = "memory"
+    namespace: str = "llm_executor"
+    fallbacks: tuple[str, ...] = ()
+    priority_aging_s: float = 5.0
+    backend_failure: BackendFailure = "fail_closed"
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.providers, Mapping), "providers", "a mapping of name to ProviderConfig",
+               self.providers)
+        for name, pcfg in self.providers.items():
+            _check(isinstance(name, str) and bool(_NAME_RE.match(name)), "providers",
+                   "names of lowercase letters, digits and '_' starting with a letter", name)
+            if not isinstance(pcfg, ProviderConfig):
+                raise ConfigError(f"providers[{name!r}]: expected a ProviderConfig, got {type(pcfg).__name__}")
+        _check(_is_int(self.queue_size) and self.queue_size >= 0, "queue_size", "an integer >= 0",
+               self.queue_size)
+        _check(self.backpressure in ("fail_fast", "block"), "backpressure", "'fail_fast' or 'block'",
+               self.backpressure)
+        _check(self.block_timeout is None or (_is_num(self.block_timeout) and self.block_timeout >= 0),
+               "block_timeout", "a number of seconds >= 0 or None", self.block_timeout)
+        _check(isinstance(self.rate_backend, str) and _valid_backend(self.rate_backend), "rate_backend",
+               "'memory', 'sqlite:///path' or 'redis://host:port/db'", mask_url(str(self.rate_backend)))
+        _check(isinstance(self.namespace, str) and bool(re.match(r"^[A-Za-z0-9_.:-]{1,64}$", self.namespace)),
+               "namespace", "1-64 characters of letters, digits, '_', '.', ':' or '-'", self.namespace)
+        _check(isinstance(self.fallbacks, tuple) and all(isinstance(n, str) for n in self.fallbacks),
+               "fallbacks", "a tuple of provider names", self.fallbacks)
+        _check(_is_num(self.priority_aging_s) and self.priority_aging_s > 0, "priority_aging_s",
+               "a positive number of seconds", self.priority_aging_s)
+        _check(self.backend_failure in ("fail_closed", "local"), "backend_failure",
+               "'fail_closed' or 'local'", self.backend_failure)
+
+    def provider(self, name: str) -> ProviderConfig:
+        """The config of lane ``name`` (defaults when the provider has none)."""
+        return self.providers.get(name) or ProviderConfig()
+
+    def describe(self) -> dict[str, Any]:
+        """The resolved configuration as plain data, keys and URL passwords masked."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "providers":
+                value = {name: pcfg.describe() for name, pcfg in value.items()}
+            elif f.name == "rate_backend":
+                value = mask_url(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        dotenv_path: str | os.PathLike[str] | None = None,
+    ) -> ExecutorConfig:
+        """Build a config from ``LLM_EXECUTOR_*`` variables (see the README's table).
+
+        Args:
+            environ: the variables to read; None = ``os.environ`` merged over a ``.env`` file found
+                from the current directory (real variables win).
+            dotenv_path: a ``.env`` file to read beneath ``environ`` (also when ``environ`` is given).
+
+        Raises:
+            ConfigError: naming the variable, the value and what is expected.
+        """
+        env: dict[str, str] = {}
+        if dotenv_path is not None or environ is None:
+            env.update(_read_dotenv(dotenv_path))
+        env.update(os.environ if environ is None else environ)
+        return _EnvReader(env).config()
+
+
+def _valid_backend(url: str) -> bool:
+    return url == "memory" or url.startswith(("sqlite:///", "redis://", "rediss://", "unix://"))
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password (``user:secret@``) and query string hidden."""
+    masked = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+    masked = re.sub(r"(://)([^:/@]+)@", r"\1***@", masked)
+    return masked.split("?", 1)[0] + ("?***" if "?" in masked else "")
+
+
+def _read_dotenv(path: str | os.PathLike[str] | None) -> dict[str, str]:
+    from dotenv import dotenv_values, find_dotenv
+
+    if path is None:
+        found = find_dotenv(usecwd=True)
+        if not found:
+            return {}
+        path = found
+    if not Path(path).is_file():
+        raise ConfigError(f"dotenv_path={str(path)!r}: expected an existing .env file")
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+
+
+class _EnvReader:
+    """One parser per type; each names the variable and never echoes a secret."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def _raw(self, var: str) -> str | None:
+        value = self.env.get(var)
+        if value is None:
+            return None
+        value = value.strip()
+        return value or None
+
+    def _fail(self, var: str, raw: str, expected: str) -> ConfigError:
+        return ConfigError(f"{var}={raw!r}: expected {expected}")
+
+    def int_(self, var: str, minimum: int) -> int | None:
+        raw = self._raw(var)
+        if raw is None:
+            return None
+        try:
+            value = int(raw)
+        except ValueError:
+            raise self._fail(var, raw, f"an integer >= {minimum}") from None
+        if value < minimum:
+            raise self._fail(var, raw, f"an integer >= {minimum}")
+        return value
+
+    def float_(self, var: str, expected: str, *, allow_zero: bool = False) -> float | None:
+        raw = self._raw(var)
+        if raw is None:
+            return None
+        try:
+            value = float(raw)
+        except ValueError:
+            raise self._fail(var, raw, expected) from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            raise self._fail(var, raw, expected)
+        return value
+
+    def bool_(self, var: str) -> bool | None:
+        raw = self._raw(var)
+        if raw is None:
+            return None
+        lowered = raw.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise self._fail(var, raw, "true or false (1/0, yes/no, on/off)")
+
+    def choice(self, var: str, choices: tuple[str, ...]) -> str | None:
+        raw = self._raw(var)
+        if raw is None:
+            return None
+        if raw.lower() not in choices:
+            raise self._fail(var, raw, " or ".join(repr(c) for c in choices))
+        return raw.lower()
+
+    def names(self, var: str) -> tuple[str, ...] | None:
+        raw = self._raw(var)
+        if raw is None:
+            return None
+        names = tuple(n.strip().lower() for n in raw.split(",") if n.strip())
+        for n in names:
+            if not _NAME_RE.match(n):
+                raise self._fail(var, raw, "a comma list of provider names (letters, digits, '_')")
+        return names
+
+    def secret(self, *variables: str) -> str | None:
+        for var in variables:
+            raw = self._raw(var)
+            if raw is not None:
+                return raw
+        return None
+
+    def provider(self, name: str) -> ProviderConfig:
+        p = f"LLM_EXECUTOR_{name.upper()}_"
+        kw: dict[str, Any] = {}
+        pairs: list[tuple[str, Any]] = [
+            ("max_parallel", self.int_(p + "MAX_PARALLEL", 1)),
+            ("qps", self.float_(p + "QPS", "a positive number (requests per second)")),
+            ("rpm", self.int_(p + "RPM", 1)),
+            ("tpm", self.int_(p + "TPM", 1)),
+            ("timeout", self.float_(p + "TIMEOUT", "a positive number of seconds")),
+            ("connect_timeout", self.float_(p + "CONNECT_TIMEOUT", "a positive number of seconds")),
+            ("max_retries", self.int_(p + "MAX_RETRIES", 0)),
+            ("max_retry_wait_s", self.float_(p + "MAX_RETRY_WAIT", "a number of seconds >= 0",
+                                             allow_zero=True)),
+            ("backoff_max_s", self.float_(p + "BACKOFF_MAX", "a number of seconds >= 0", allow_zero=True)),
+            ("global_max_parallel", self.int_(p + "GLOBAL_MAX_PARALLEL", 1)),
+            ("repair_attempts", self.int_(p + "REPAIR_ATTEMPTS", 0)),
+            ("fallback", self.bool_(p + "FALLBACK")),
+            ("model", self._raw(p + "MODEL")),
+        ]
+        reasoning = self._raw(p + "REASONING_MODELS")
+        if reasoning is not None:
+            pairs.append(("reasoning_models", tuple(m.strip() for m in reasoning.split(",") if m.strip())))
+        base_url = self._raw(p + "BASE_URL")
+        key = self.secret(p + "API_KEY")
+        options: dict[str, str] = {}
+        if name == "openai":
+            base_url = base_url or self._raw("OPENAI_BASE_URL")
+            key = key or self.secret("OPENAI_API_KEY")
+            for opt, var in (("organization", "OPENAI_ORG_ID"), ("project", "OPENAI_PROJECT_ID")):
+                if self._raw(var):
+                    options[opt] = self._raw(var) or ""
+        elif name == "gemini":
+            base_url = base_url or self._raw("GOOGLE_GEMINI_BASE_URL")
+            key = key or self.secret("GEMINI_API_KEY", "GOOGLE_API_KEY")
+        elif name == "ollama":
+            host = self._raw("OLLAMA_HOST")
+            if base_url is None and host is not None:
+                base_url = host
+            key = key or self.secret("OLLAMA_API_KEY")
+        if base_url is not None:
+            if not re.match(r"^(https?://)?[^\s]+$", base_url):
+                raise self._fail(p + "BASE_URL", base_url, "a URL such as https://host/v1")
+            pairs.append(("base_url", base_url))
+        pairs.append(("api_key", key))
+        if options:
+            pairs.append(("options", options))
+        kw = {k: v for k, v in pairs if v is not None}
+        try:
+            return ProviderConfig(**kw)
+        except ConfigError as exc:  # pragma: no cover - every value was checked above
+            raise ConfigError(f"{p}*: {exc}") from None
+
+    def config(self) -> ExecutorConfig:
+        names = self.names("LLM_EXECUTOR_PROVIDERS")
+        if names is None:
+            names = DEFAULT_PROVIDERS
+        providers = {name: self.provider(name) for name in names}
+        kw: dict[str, Any] = {"providers": providers}
+        queue_size = self.int_("LLM_EXECUTOR_QUEUE_SIZE", 0)
+        if queue_size is not None:
+            kw["queue_size"] = queue_size
+        backpressure = self.choice("LLM_EXECUTOR_BACKPRESSURE", ("fail_fast", "block"))
+        if backpressure is not None:
+            kw["backpressure"] = backpressure
+        block_timeout = self.float_("LLM_EXECUTOR_BLOCK_TIMEOUT", "a number of seconds >= 0", allow_zero=True)
+        if block_timeout is not None:
+            kw["block_timeout"] = block_timeout
+        backend = self._raw("LLM_EXECUTOR_RATE_BACKEND")
+        if backend is not None:
+            if not _valid_backend(backend):
+                raise self._fail("LLM_EXECUTOR_RATE_BACKEND", mask_url(backend),
+                                 "'memory', 'sqlite:///path' or 'redis://host:port/db'")
+            kw["rate_backend"] = backend
+        namespace = self._raw("LLM_EXECUTOR_NAMESPACE")
+        if namespace is not None:
+            if not re.match(r"^[A-Za-z0-9_.:-]{1,64}$", namespace):
+                raise self._fail("LLM_EXECUTOR_NAMESPACE", namespace,
+                                 "1-64 characters of letters, digits, '_', '.', ':' or '-'")
+            kw["namespace"] = namespace
+        fallbacks = self.names("LLM_EXECUTOR_FALLBACKS")
+        if fallbacks is not None:
+            kw["fallbacks"] = fallbacks
+        aging = self.float_("LLM_EXECUTOR_PRIORITY_AGING", "a positive number of seconds")
+        if aging is not None:
+            kw["priority_aging_s"] = aging
+        failure = self.choice("LLM_EXECUTOR_BACKEND_FAILURE", ("fail_closed", "local"))
+        if failure is not None:
+            kw["backend_failure"] = failure
+        return ExecutorConfig(**kw)

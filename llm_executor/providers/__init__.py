@@ -1,0 +1,1 @@
+"""Built-in provider adapters (openai, gemini, ollama) and the Provider protocol."""

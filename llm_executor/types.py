@@ -1,0 +1,173 @@
+"""Value types exchanged with the executor: LLMRequest, LLMResponse, Capabilities.
+
+All are frozen dataclasses; use ``dataclasses.replace`` for "same but" copies. Field-level
+validation that needs no provider knowledge happens here (``LLMRequest.validate``); checks
+against a provider's capabilities happen in ``llm_executor.validation``.
+This module imports only the stdlib and ``errors``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import InvalidRequestError
+
+__all__ = ["FINISH_REASONS", "Capabilities", "FinishReason", "LLMRequest", "LLMResponse"]
+
+FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "other"]
+FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "content_filter", "tool_calls", "other"})
+
+
+@dataclass(frozen=True, slots=True)
+class LLMRequest:
+    """One call to a language model.
+
+    Args:
+        provider: "openai", "gemini", "ollama", "auto" or a registered custom name.
+        model: model name; "" means the provider's default (LLM_EXECUTOR_<NAME>_MODEL).
+        prompt: the user message; must not be empty.
+        system: optional system instruction.
+        max_output_tokens: cap on generated tokens (> 0), checked against the provider's capabilities.
+        temperature: sampling temperature in [0, 2].
+        json_schema: a JSON Schema (dict or JSON string); the output is validated and parsed into
+            ``LLMResponse.data``.
+        request_id: given a uuid4 at submit when empty.
+        priority: higher starts first within a provider's lane (with aging: no starvation).
+        timeout: seconds for the whole request, queue wait and every attempt included.
+        metadata: free-form caller data, never sent to the provider nor logged.
+    """
+
+    provider: str
+    model: str
+    prompt: str
+    system: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    json_schema: Mapping[str, Any] | str | None = field(default=None, hash=False)
+    request_id: str = ""
+    priority: int = 0
+    timeout: float | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    def validate(self) -> None:
+        """Check every field that needs no provider knowledge.
+
+        Raises:
+            InvalidRequestError: naming the field and the value expected.
+        """
+        if not isinstance(self.provider, str) or not self.provider.strip():
+            raise InvalidRequestError(
+                f"LLMRequest.provider must be a non-empty string, got {self.provider!r}", field="provider"
+            )
+        if not isinstance(self.model, str):
+            raise InvalidRequestError(
+                f"LLMRequest.model must be a string ('' for the provider's default), got {type(self.model).__name__}",
+                field="model",
+            )
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            shown = "an empty string" if isinstance(self.prompt, str) else type(self.prompt).__name__
+            raise InvalidRequestError(
+                f"LLMRequest.prompt must be a non-empty string, got {shown}", field="prompt"
+            )
+        if self.system is not None and not isinstance(self.system, str):
+            raise InvalidRequestError(
+                f"LLMRequest.system must be a string or None, got {type(self.system).__name__}", field="system"
+            )
+        mot = self.max_output_tokens
+        if mot is not None and (isinstance(mot, bool) or not isinstance(mot, int) or mot <= 0):
+            raise InvalidRequestError(
+                f"LLMRequest.max_output_tokens must be a positive integer or None, got {mot!r}",
+                field="max_output_tokens",
+            )
+        temp = self.temperature
+        if temp is not None and (
+            isinstance(temp, bool) or not isinstance(temp, int | float) or not 0.0 <= temp <= 2.0
+        ):
+            raise InvalidRequestError(
+                f"LLMRequest.temperature must be a number in [0, 2] or None, got {temp!r}", field="temperature"
+            )
+        if not isinstance(self.request_id, str):
+            raise InvalidRequestError(
+                f"LLMRequest.request_id must be a string, got {type(self.request_id).__name__}", field="request_id"
+            )
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+            raise InvalidRequestError(
+                f"LLMRequest.priority must be an integer, got {self.priority!r}", field="priority"
+            )
+        tmo = self.timeout
+        if tmo is not None and (
+            isinstance(tmo, bool) or not isinstance(tmo, int | float) or not tmo > 0 or math.isinf(tmo)
+        ):
+            raise InvalidRequestError(
+                f"LLMRequest.timeout must be a positive finite number of seconds or None, got {tmo!r}",
+                field="timeout",
+            )
+        if not isinstance(self.metadata, Mapping):
+            raise InvalidRequestError(
+                f"LLMRequest.metadata must be a mapping, got {type(self.metadata).__name__}", field="metadata"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class LLMResponse:
+    """The result of one request.
+
+    Only the first five fields are required, so a custom provider may return just those;
+    the executor fills ``request_id``, ``latency_ms``, ``queue_ms``, ``attempts`` and ``data``.
+
+    Attributes:
+        text: the generated text ("" when the provider returned none).
+        provider: the provider (lane) that served the request.
+        model: the model the provider reports.
+        finish_reason: "stop", "length", "content_filter", "tool_calls" or "other".
+        usage_tokens: total tokens billed for the successful attempt, None when not reported.
+        raw_finish_reason: the provider's own value.
+        prompt_tokens / completion_tokens: None when not reported.
+        request_id: our request id.
+        latency_ms: provider time of the successful attempt.
+        queue_ms: time from submit to the first attempt's start.
+        attempts: provider calls made (retries and repairs included).
+        data: the parsed JSON when ``json_schema`` was given, else None.
+    """
+
+    text: str
+    provider: str
+    model: str
+    finish_reason: str
+    usage_tokens: int | None
+    raw_finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    request_id: str = ""
+    latency_ms: float = 0.0
+    queue_ms: float = 0.0
+    attempts: int = 0
+    data: Any = field(default=None, hash=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a provider can do; every field has a default meaning "unknown / no".
+
+    Attributes:
+        max_output_tokens: the largest max_output_tokens accepted; None when unknown.
+        supports_json_mode: the provider can be told to answer with JSON.
+        supports_json_schema: the provider can constrain its output to a JSON schema.
+        supports_system_prompt: a system instruction is sent separately from the prompt.
+        models: known model names (may be empty).
+        model_max_output_tokens: per-model caps, where they differ from ``max_output_tokens``.
+    """
+
+    max_output_tokens: int | None = None
+    supports_json_mode: bool = False
+    supports_json_schema: bool = False
+    supports_system_prompt: bool = False
+    models: tuple[str, ...] = ()
+    model_max_output_tokens: Mapping[str, int] = field(default_factory=dict, hash=False, compare=False)
+
+    def max_output_tokens_for(self, model: str) -> int | None:
+        """The output-token cap for ``model`` (per-model value first, then the provider's)."""
+        return self.model_max_output_tokens.get(model, self.max_output_tokens)
