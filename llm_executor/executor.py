@@ -1,15 +1,860 @@
-"""Placeholder: the real executor lands with issue 3 (being written on main)."""
+"""Executor: admission, per-provider lanes, futures, deadlines, retries, shutdown.
+
+Data flow of one request::
+
+    submit() ─ validate, resolve provider and model, give a request_id
+       │  admission: at most queue_size requests accepted-but-not-started per lane
+       │             (fail_fast: QueueFullError now | block: wait, optional timeout)
+       ▼
+    lane heap (priority with aging) ─► lane worker (one of MAX_PARALLEL threads)
+       worker: wait out a 429 pause → take a rate token → pop the best queued request →
+       set_running_or_notify_cancel() → [global slot, TPM reservation] → provider.complete()
+       → on a retryable error back off and take a new token → validate JSON → settle the Future
+
+Why a lane never over-fills: a ThreadPoolExecutor's own work queue is unbounded, so we never
+hand it requests. A lane starts at most MAX_PARALLEL worker loops in its pool; each loop takes
+the best request from the lane's bounded heap when it is ready to call the provider, and exits
+when the heap is empty. The heap is the only queue, and admission bounds it.
+
+Every Future settles exactly once: a queued request leaves the heap under the lane lock to
+exactly one party (a worker, the deadline reaper, or a cancelling shutdown), which then calls
+``set_running_or_notify_cancel()``; results are set with ``set_result``/``set_exception``, whose
+``InvalidStateError`` tells a late writer (a provider call that outlived its deadline) to drop its
+result. Nothing calls a provider or a user callback while holding a lock.
+Imports: everything below it; providers only through the Provider protocol and the registry.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import heapq
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from types import TracebackType
+from typing import Any
 
-class Executor:  # pragma: no cover - placeholder
-    pass
+from . import limits as _limits
+from .config import BUILTIN_PROVIDER_NAMES, ExecutorConfig, ProviderConfig
+from .errors import (
+    DeadlineExceededError,
+    ExecutorShutdownError,
+    InvalidRequestError,
+    LLMExecutorError,
+    ProviderError,
+    QueueFullError,
+    SchemaValidationError,
+    UnknownProviderError,
+)
+from .metrics import ExecutorStats, LaneMetrics, PrometheusExporter, ProviderStats
+from .providers.base import Provider
+from .providers.registry import create_builtin
+from .retry import RetryPolicy, is_retryable
+from .types import Capabilities, LLMRequest, LLMResponse
+from .validation import check_capabilities, normalize_schema, parse_structured
+
+__all__ = ["Executor", "ExecutorStats", "ProviderStats"]
+
+log = logging.getLogger("llm_executor")
+
+_QUEUED, _TAKEN, _REMOVED = 0, 1, 2
+_REPAIR_PROMPT = (
+    "{prompt}\n\nYour previous answer was not valid: {error}\n"
+    "Answer again with JSON only, valid against the JSON schema."
+)
 
 
-class ExecutorStats:  # pragma: no cover - placeholder
-    pass
+class _Item:
+    """One accepted request on its way through a lane (slots: ~200 bytes per queued request)."""
+
+    __slots__ = (
+        "attempts_before", "auto", "deadline", "future", "key", "lane", "queue_len", "request", "schema",
+        "seq", "started", "state", "submit_s", "tried",
+    )
+
+    def __init__(self, request: LLMRequest, future: _LLMFuture, lane: _Lane, schema: dict[str, Any] | None,
+                 submit_s: float, deadline: float | None) -> None:
+        self.request = request
+        self.future = future
+        self.lane = lane
+        self.schema = schema
+        self.submit_s = submit_s
+        self.deadline = deadline
+        self.state = _QUEUED
+        self.key = 0.0
+        self.seq = 0
+        self.queue_len = 0
+        self.started = False
+        self.attempts_before = 0
+        self.auto = False
+        self.tried: tuple[str, ...] = ()
+
+    def __lt__(self, other: _Item) -> bool:
+        return (self.key, self.seq) < (other.key, other.seq)
 
 
-class ProviderStats:  # pragma: no cover - placeholder
-    pass
+class _LLMFuture(Future[LLMResponse]):
+    """A Future whose cancel() also frees the request's admission slot at once."""
+
+    _llm_item: _Item | None = None
+
+    def cancel(self) -> bool:
+        cancelled = super().cancel()
+        item = self._llm_item
+        if cancelled and item is not None:
+            item.lane.on_cancelled(item)
+        return cancelled
+
+
+class _Lane:
+    """One provider's lane: bounded heap, worker pool, limiter, metrics, pause."""
+
+    def __init__(self, name: str, provider: Provider, pcfg: ProviderConfig, ecfg: ExecutorConfig,
+                 stopping: threading.Event, sleep: Callable[[float], object] | None, builtin: bool) -> None:
+        self.name = name
+        self.provider = provider
+        self.pcfg = pcfg
+        self.builtin = builtin
+        self.capacity = ecfg.queue_size
+        self.aging_s = ecfg.priority_aging_s
+        self.caps: Capabilities = provider.capabilities()
+        self.limiter = _limits.make_lane_limiter(name, pcfg, ecfg)
+        self.metrics = LaneMetrics(name, pcfg.max_parallel, pcfg.qps)
+        self.retry = RetryPolicy(pcfg, stopping, sleep)
+        self.pool = ThreadPoolExecutor(max_workers=pcfg.max_parallel, thread_name_prefix=f"llm-executor-{name}")
+        self.lock = threading.Lock()
+        self.not_full = threading.Condition(self.lock)
+        self.heap: list[_Item] = []
+        self.pending = 0
+        self.workers = 0
+        self.closed = False
+        self.paused_until = 0.0  # monotonic
+
+    # -- admission ---------------------------------------------------------------------------
+
+    def has_room(self) -> bool:
+        return self.closed or self.capacity == 0 or self.pending < self.capacity
+
+    def push_locked(self, item: _Item, seq: int) -> bool:
+        """Queue ``item``; returns True when a new worker loop must be started."""
+        item.seq = seq
+        item.key = item.submit_s - item.request.priority * self.aging_s
+        item.queue_len = self.pending
+        heapq.heappush(self.heap, item)
+        self.pending += 1
+        if self.workers < self.pcfg.max_parallel:
+            self.workers += 1
+            return True
+        return False
+
+    def pop_locked(self) -> _Item | None:
+        heap = self.heap
+        while heap:
+            item = heapq.heappop(heap)
+            if item.state == _QUEUED:
+                item.state = _TAKEN
+                self.pending -= 1
+                self.not_full.notify()
+                return item
+        return None
+
+    def remove(self, item: _Item) -> bool:
+        """Take ``item`` out of the queue if it is still there (lazy deletion)."""
+        with self.lock:
+            if item.state != _QUEUED:
+                return False
+            item.state = _REMOVED
+            self.pending -= 1
+            self.not_full.notify()
+            if not self.pending:
+                self.heap.clear()
+            return True
+
+    def on_cancelled(self, item: _Item) -> None:
+        self.remove(item)
+        self.metrics.on_cancel()
+        _log_finish(item, None, "cancelled", 0.0, 0)
+
+    def retry_after_estimate_s(self) -> float:
+        """How long until a queue slot frees, for QueueFullError.retry_after_s."""
+        mean_s = self.metrics.mean_latency_s() or 1.0
+        by_workers = (self.pending / self.pcfg.max_parallel) * mean_s
+        by_rate = self.pending / self.pcfg.qps if self.pcfg.qps else 0.0
+        return round(max(0.1, by_workers, by_rate, self.paused_until - time.monotonic()), 3)
+
+    def expected_start_s(self) -> float:
+        """Expected wait before a new request would start here (for provider "auto")."""
+        mean_s = self.metrics.mean_latency_s() or 0.5
+        with self.lock:
+            backlog = self.pending + self.metrics.in_flight - self.pcfg.max_parallel + 1
+        by_workers = max(0.0, backlog / self.pcfg.max_parallel * mean_s)
+        by_rate = (self.pending / self.pcfg.qps) if self.pcfg.qps else 0.0
+        pause = max(0.0, self.paused_until - time.monotonic())
+        return max(by_workers, by_rate) + pause + self.limiter.expected_wait_s()
+
+    def paused_until_wall(self) -> float | None:
+        remaining = self.paused_until - time.monotonic()
+        return time.time() + remaining if remaining > 0 else None
+
+    def pause(self, seconds: float) -> None:
+        """Hold every worker of this lane for ``seconds`` (the provider said 429 + Retry-After)."""
+        until = time.monotonic() + seconds
+        if until > self.paused_until:
+            self.paused_until = until
+            log.warning("lane %s paused for %.2fs after a rate-limit answer", self.name, seconds)
+
+
+def _log_finish(item: _Item, response: LLMResponse | None, outcome: str, latency_ms: float, attempts: int,
+                error: BaseException | None = None) -> None:
+    level = logging.INFO if error is None else logging.WARNING
+    if not log.isEnabledFor(level):
+        return
+    request = item.request
+    queue_ms = round((response.queue_ms if response else 0.0), 3)
+    extra = {
+        "request_id": request.request_id,
+        "provider": response.provider if response else item.lane.name,
+        "model": response.model if response else request.model,
+        "queue_len": item.queue_len,
+        "latency_ms": round(latency_ms, 3),
+        "queue_ms": queue_ms,
+        "attempts": attempts,
+        "finish_reason": response.finish_reason if response else outcome,
+        "outcome": outcome,
+    }
+    if error is None:
+        log.info(
+            "request %s request_id=%s provider=%s model=%s queue_len=%d latency_ms=%.1f queue_ms=%.1f "
+            "attempts=%d finish_reason=%s", outcome, extra["request_id"], extra["provider"], extra["model"],
+            extra["queue_len"], latency_ms, queue_ms, attempts, extra["finish_reason"], extra=extra,
+        )
+    else:
+        extra["error"] = type(error).__name__
+        log.warning(
+            "request failed request_id=%s provider=%s model=%s queue_len=%d latency_ms=%.1f queue_ms=%.1f "
+            "attempts=%d finish_reason=%s error=%s", extra["request_id"], extra["provider"], extra["model"],
+            extra["queue_len"], latency_ms, queue_ms, attempts, outcome, extra["error"], extra=extra,
+        )
+
+
+class _DeadlineReaper:
+    """One thread per executor that fails requests whose deadline passed (queued or running)."""
+
+    def __init__(self, fail: Callable[[_Item], None]) -> None:
+        self._fail = fail
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._heap: list[tuple[float, int, _Item]] = []
+        self._seq = itertools.count()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    def add(self, item: _Item) -> None:
+        assert item.deadline is not None
+        with self._cond:
+            if self._stopped:
+                return
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="llm-executor-deadlines", daemon=True)
+                self._thread.start()
+            entry = (item.deadline, next(self._seq), item)
+            heapq.heappush(self._heap, entry)
+            if self._heap[0] is entry:
+                self._cond.notify()
+            elif len(self._heap) > 4096:
+                # Settled requests stay here until their deadline; drop them in bulk so a long
+                # run with generous timeouts keeps no per-request state after resolution.
+                self._heap = [e for e in self._heap if not e[2].future.done()]
+                heapq.heapify(self._heap)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped:
+                    if not self._heap:
+                        self._cond.wait()
+                        continue
+                    wait_s = self._heap[0][0] - time.monotonic()
+                    if wait_s <= 0:
+                        break
+                    self._cond.wait(wait_s)
+                if self._stopped:
+                    return
+                _, _, item = heapq.heappop(self._heap)
+            if not item.future.done():
+                self._fail(item)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._heap.clear()
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+
+class Executor:
+    """The entry point for LLM calls: ``submit`` returns a Future at once.
+
+    Args:
+        config: limits and providers; default ``ExecutorConfig.from_env()``.
+        providers: custom or test providers by name (any object of the ``Provider`` protocol);
+            they take precedence over built-in adapters of the same name. A custom provider with
+            no ``ProviderConfig`` in ``config`` runs with the defaults.
+        sleep: how retries wait (default: an interruptible wait); tests pass ``recorded.append``.
+
+    Raises:
+        ConfigError: a configured built-in provider has no adapter, or a backend is unreachable.
+    """
+
+    def __init__(
+        self,
+        config: ExecutorConfig | None = None,
+        providers: Mapping[str, Provider] | None = None,
+        *,
+        sleep: Callable[[float], object] | None = None,
+    ) -> None:
+        self.config = config if config is not None else ExecutorConfig.from_env()
+        self._stopping = threading.Event()
+        self._shutdown_lock = threading.Lock()
+        self._shutdown = False
+        self._seq = itertools.count()
+        self._reaper = _DeadlineReaper(self._fail_on_deadline)
+        self._lanes: dict[str, _Lane] = {}
+        custom = dict(providers or {})
+        names = list(self.config.providers) + [n for n in custom if n not in self.config.providers]
+        try:
+            for name in names:
+                if name == "auto":
+                    raise UnknownProviderError("auto", BUILTIN_PROVIDER_NAMES)
+                pcfg = self.config.provider(name)
+                if name in custom:
+                    provider, builtin = custom[name], False
+                    if not isinstance(provider, Provider):
+                        raise InvalidRequestError(
+                            f"providers[{name!r}] must have name, capabilities() and complete(request)",
+                            field="providers",
+                        )
+                else:
+                    provider, builtin = create_builtin(name, pcfg), True
+                self._lanes[name] = _Lane(name, provider, pcfg, self.config, self._stopping, sleep, builtin)
+        except BaseException:
+            for lane in self._lanes.values():
+                lane.pool.shutdown(wait=False)
+                lane.limiter.close()
+            raise
+        self._exporter: PrometheusExporter | None = None
+
+    # -- public API ------------------------------------------------------------------------------
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """The enabled lane names, in configuration order."""
+        return tuple(self._lanes)
+
+    def capabilities(self, provider: str) -> Capabilities:
+        """The cached capabilities of ``provider``'s adapter."""
+        return self._lane(provider).caps
+
+    def submit(self, request: LLMRequest) -> Future[LLMResponse]:
+        """Accept ``request`` and return its Future at once.
+
+        Raises:
+            InvalidRequestError: a field is invalid (named in the message).
+            UnknownProviderError: ``request.provider`` is not enabled.
+            QueueFullError: the lane's queue is full (fail_fast, or block after block_timeout).
+            ExecutorShutdownError: after ``shutdown()``.
+        """
+        return self._submit(request, block=self.config.backpressure == "block",
+                            block_timeout=self.config.block_timeout)
+
+    def run(self, request: LLMRequest, timeout: float | None = None) -> LLMResponse:
+        """Submit ``request`` and wait for its response.
+
+        Raises:
+            TimeoutError: no result within ``timeout`` (the request is cancelled if still queued).
+            Any error of ``submit`` or of the request.
+        """
+        future = self.submit(request)
+        try:
+            return future.result(timeout)
+        except BaseException:
+            future.cancel()
+            raise
+
+    def map(self, requests: Iterable[LLMRequest], timeout: float | None = None) -> Iterator[LLMResponse]:
+        """Run ``requests`` and yield their responses in input order.
+
+        The iterable is read lazily: at most ``queue_size`` requests (plus the lanes' workers) are
+        outstanding, and submission waits for room instead of failing fast, so a long iterable
+        never trips backpressure by itself. A failed request raises its error when reached;
+        stopping the iteration cancels what has not started.
+
+        Raises:
+            TimeoutError: ``timeout`` seconds passed since the call before a response was ready.
+        """
+        window = self.config.queue_size or 256
+        window += sum(lane.pcfg.max_parallel for lane in self._lanes.values())
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._map(iter(requests), window, deadline)
+
+    def _map(self, it: Iterator[LLMRequest], window: int, deadline: float | None) -> Iterator[LLMResponse]:
+        pending: deque[Future[LLMResponse]] = deque()
+        try:
+            exhausted = False
+            while True:
+                while not exhausted and len(pending) < window:
+                    try:
+                        request = next(it)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    pending.append(self._submit(request, block=True, block_timeout=remaining))
+                if not pending:
+                    return
+                future = pending.popleft()
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                yield future.result(remaining)
+        finally:
+            for future in pending:
+                future.cancel()
+
+    def stats(self) -> ExecutorStats:
+        """A snapshot of every lane (queue length, in flight, outcomes, latency, auditor)."""
+        out: dict[str, ProviderStats] = {}
+        for name, lane in self._lanes.items():
+            with lane.lock:
+                queued = lane.pending
+            out[name] = lane.metrics.snapshot(queued, lane.paused_until_wall())
+        return ExecutorStats(out)
+
+    def enable_prometheus(self, registry: Any = None, prefix: str = "llm_executor") -> PrometheusExporter:
+        """Export this executor's metrics to Prometheus (needs the ``prometheus`` extra)."""
+        if self._exporter is None:
+            self._exporter = PrometheusExporter(
+                self.stats, {n: lane.metrics for n, lane in self._lanes.items()}, registry, prefix
+            )
+        return self._exporter
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting requests; optionally cancel queued ones; optionally wait for the rest.
+
+        Args:
+            wait: join every worker thread (and release limiter resources) before returning.
+            cancel_futures: cancel every request that has not started and interrupt retry
+                backoffs and rate-limit waits (those requests fail with ExecutorShutdownError).
+        """
+        with self._shutdown_lock:
+            self._shutdown = True
+        for lane in self._lanes.values():
+            with lane.lock:
+                lane.closed = True
+                lane.not_full.notify_all()
+        if cancel_futures:
+            self._stopping.set()
+            for lane in self._lanes.values():
+                with lane.lock:
+                    items = [it for it in lane.heap if it.state == _QUEUED]
+                for item in items:
+                    if item.started:
+                        # A fallback already running for the caller: it fails rather than hangs.
+                        if lane.remove(item):
+                            self._settle_error(item, ExecutorShutdownError("executor shut down"), 0.0, 0)
+                    else:
+                        item.future.cancel()
+        if wait:
+            for lane in self._lanes.values():
+                lane.pool.shutdown(wait=True)
+            self._reaper.stop()
+            for lane in self._lanes.values():
+                lane.limiter.close()
+        else:
+            for lane in self._lanes.values():
+                lane.pool.shutdown(wait=False)
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        # Ctrl-C in the caller: do not make the user sit through the whole queue.
+        self.shutdown(wait=True, cancel_futures=exc_type is not None and issubclass(exc_type, KeyboardInterrupt))
+
+    def __repr__(self) -> str:
+        state = "shutdown" if self._shutdown else "running"
+        return f"<Executor {state} providers={list(self._lanes)}>"
+
+    # -- submission ------------------------------------------------------------------------------
+
+    def _lane(self, name: str) -> _Lane:
+        lane = self._lanes.get(name)
+        if lane is None:
+            raise UnknownProviderError(name, list(self._lanes))
+        return lane
+
+    def _prepare(self, request: LLMRequest) -> tuple[LLMRequest, _Lane, dict[str, Any] | None]:
+        if not isinstance(request, LLMRequest):
+            raise InvalidRequestError(f"submit() takes an LLMRequest, got {type(request).__name__}",
+                                      field="request")
+        request.validate()
+        schema = None if request.json_schema is None else normalize_schema(request.json_schema)
+        if request.provider == "auto":
+            lane, model = self._choose_auto(request, schema, exclude=())
+        else:
+            lane = self._lane(request.provider)
+            model = request.model or lane.pcfg.model or ""
+            if not model and lane.builtin:
+                raise InvalidRequestError(
+                    f"LLMRequest.model is empty and LLM_EXECUTOR_{lane.name.upper()}_MODEL is not set: "
+                    "expected a model name", field="model")
+        changes: dict[str, Any] = {}
+        if request.provider != lane.name:
+            changes["provider"] = lane.name
+        if model != request.model:
+            changes["model"] = model
+        if schema is not None and schema is not request.json_schema:
+            changes["json_schema"] = schema
+        if not request.request_id:
+            changes["request_id"] = uuid.uuid4().hex
+        if changes:
+            request = dataclasses.replace(request, **changes)
+        check_capabilities(request, lane.caps, lane.name)
+        if lane.pcfg.tpm is not None:
+            lane.limiter.check_estimate(_limits.estimate_tokens(request.prompt, request.system,
+                                                               request.max_output_tokens))
+        return request, lane, schema
+
+    def _capable(self, lane: _Lane, request: LLMRequest, schema: dict[str, Any] | None) -> str | None:
+        """Why ``lane`` cannot serve ``request`` as "auto"/fallback, or None when it can."""
+        if request.model and request.model in lane.caps.models:
+            model = request.model
+        elif lane.pcfg.model:
+            model = lane.pcfg.model
+        else:
+            return f"{lane.name}: no default model (LLM_EXECUTOR_{lane.name.upper()}_MODEL)"
+        cap = lane.caps.max_output_tokens_for(model)
+        if request.max_output_tokens and cap is not None and request.max_output_tokens > cap:
+            return f"{lane.name}: max_output_tokens above {cap}"
+        if schema is not None and not (lane.caps.supports_json_schema or lane.caps.supports_json_mode):
+            return f"{lane.name}: no JSON output"
+        return None
+
+    def _choose_auto(self, request: LLMRequest, schema: dict[str, Any] | None,
+                     exclude: tuple[str, ...]) -> tuple[_Lane, str]:
+        best: tuple[float, int, _Lane] | None = None
+        reasons = []
+        for idx, lane in enumerate(self._lanes.values()):
+            if lane.name in exclude:
+                continue
+            why = self._capable(lane, request, schema)
+            if why is not None:
+                reasons.append(why)
+                continue
+            score = lane.expected_start_s()
+            if best is None or (score, idx) < best[:2]:
+                best = (score, idx, lane)
+        if best is None:
+            raise InvalidRequestError(
+                "provider 'auto': no enabled provider can serve this request ("
+                + ("; ".join(reasons) or "no providers enabled") + ")", field="provider")
+        lane = best[2]
+        model = request.model if request.model in lane.caps.models else (lane.pcfg.model or "")
+        return lane, model
+
+    def _submit(self, request: LLMRequest, *, block: bool, block_timeout: float | None) -> Future[LLMResponse]:
+        if self._shutdown:
+            raise ExecutorShutdownError("submit() after shutdown()")
+        is_auto = request.provider == "auto"
+        request, lane, schema = self._prepare(request)
+        submit_s = time.monotonic()
+        deadline = submit_s + request.timeout if request.timeout is not None else None
+        future = _LLMFuture()
+        item = _Item(request, future, lane, schema, submit_s, deadline)
+        item.auto = is_auto
+        with lane.lock:
+            if not lane.has_room():
+                if not block:
+                    raise QueueFullError(
+                        f"{lane.name} queue is full ({lane.capacity} requests waiting); retry after "
+                        f"~{lane.retry_after_estimate_s():.2f}s", retry_after_s=lane.retry_after_estimate_s(),
+                        provider=lane.name)
+                if not lane.not_full.wait_for(lane.has_room, timeout=block_timeout):
+                    raise QueueFullError(
+                        f"{lane.name} queue still full ({lane.capacity} requests waiting) after "
+                        f"{block_timeout}s (LLM_EXECUTOR_BLOCK_TIMEOUT)",
+                        retry_after_s=lane.retry_after_estimate_s(), provider=lane.name)
+            if lane.closed:
+                raise ExecutorShutdownError("submit() after shutdown()")
+            future._llm_item = item
+            spawn = lane.push_locked(item, next(self._seq))
+        lane.metrics.on_submit()
+        if deadline is not None:
+            self._reaper.add(item)
+        if spawn:
+            self._start_worker(lane)
+        return future
+
+    def _start_worker(self, lane: _Lane) -> None:
+        try:
+            lane.pool.submit(self._worker_loop, lane)
+        except RuntimeError:
+            # The pool is shut down (shutdown(wait=False) raced us): nothing will run the
+            # queue, so fail what is left rather than strand it.
+            with lane.lock:
+                lane.workers -= 1
+            self._drain_failed(lane, ExecutorShutdownError("executor shut down"))
+
+    def _drain_failed(self, lane: _Lane, error: LLMExecutorError) -> None:
+        while True:
+            with lane.lock:
+                item = lane.pop_locked()
+            if item is None:
+                return
+            if item.started or item.future.set_running_or_notify_cancel():
+                self._settle_error(item, error, 0.0, 0)
+
+    # -- workers -----------------------------------------------------------------------------
+
+    def _worker_loop(self, lane: _Lane) -> None:
+        item: _Item | None = None
+        try:
+            while True:
+                with lane.lock:
+                    if not lane.pending:
+                        lane.workers -= 1
+                        return
+                try:
+                    self._wait_ready(lane, None)
+                except ExecutorShutdownError:
+                    # Cancelling shutdown: it cancels the queue itself; leave now.
+                    with lane.lock:
+                        lane.workers -= 1
+                    return
+                with lane.lock:
+                    item = lane.pop_locked()
+                if item is None:
+                    continue
+                if item.started:
+                    # A fallback from another lane: its Future is already running.
+                    self._execute(lane, item, token_taken=True)
+                elif item.future.set_running_or_notify_cancel():
+                    self._execute(lane, item, token_taken=True)
+                item = None
+        except BaseException as exc:  # pragma: no cover - a bug in the loop itself
+            log.exception("lane %s worker crashed", lane.name)
+            if item is not None:
+                self._settle_error(item, exc, 0.0, 0)
+            with lane.lock:
+                lane.workers -= 1
+                restart = lane.pending > 0 and not lane.closed
+                if restart:
+                    lane.workers += 1
+            if restart:
+                self._start_worker(lane)
+
+    def _wait_ready(self, lane: _Lane, deadline: float | None) -> None:
+        """Wait out a lane pause, then take one rate token for one attempt."""
+        pause_s = lane.paused_until - time.monotonic()
+        if pause_s > 0:
+            if deadline is not None and time.monotonic() + pause_s > deadline:
+                raise DeadlineExceededError(
+                    f"request deadline passes while {lane.name} is paused by a rate limit ({pause_s:.2f}s)",
+                    provider=lane.name)
+            lane.retry.sleep(pause_s)
+            if self._stopping.is_set():
+                raise ExecutorShutdownError(f"executor shut down while {lane.name} was paused")
+        lane.limiter.acquire(self._stopping, deadline)
+
+    def _remaining_request(self, request: LLMRequest, deadline: float | None, lane: _Lane) -> LLMRequest:
+        if deadline is None:
+            return request
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceededError(
+                f"request {request.request_id} deadline of {request.timeout}s passed before an attempt "
+                f"to {lane.name} could start", request_id=request.request_id, provider=lane.name)
+        return dataclasses.replace(request, timeout=remaining)
+
+    def _execute(self, lane: _Lane, item: _Item, *, token_taken: bool) -> None:
+        """Run the attempts of ``item`` on ``lane`` and settle its Future (never raises)."""
+        request = item.request
+        start_s = time.monotonic()
+        if not item.started:
+            item.started = True
+            lane.metrics.on_queue_exit((start_s - item.submit_s) * 1000.0)
+        queue_ms = (start_s - item.submit_s) * 1000.0
+        attempts = item.attempts_before
+        state = None
+        repairs_left = lane.pcfg.repair_attempts
+        prompt = request.prompt
+        latency_ms = 0.0
+        try:
+            while True:
+                if self._stopping.is_set():
+                    raise ExecutorShutdownError("executor shut down before the attempt started")
+                if not token_taken:
+                    self._wait_ready(lane, item.deadline)
+                token_taken = False
+                call_request = self._remaining_request(request, item.deadline, lane)
+                if prompt is not request.prompt:
+                    call_request = dataclasses.replace(call_request, prompt=prompt)
+                attempts += 1
+                try:
+                    response, latency_ms = self._attempt(lane, call_request, is_retry=attempts > 1)
+                    if item.schema is not None:
+                        data = parse_structured(response.text, item.schema, provider=lane.name,
+                                                request_id=request.request_id)
+                        response = dataclasses.replace(response, data=data)
+                except SchemaValidationError as exc:
+                    if repairs_left <= 0:
+                        raise
+                    repairs_left -= 1
+                    # A repair is a new request to the provider: it takes a fresh token too.
+                    prompt = _REPAIR_PROMPT.format(prompt=request.prompt, error=str(exc)[:500])
+                    continue
+                except ProviderError as exc:
+                    if exc.provider is None:
+                        exc.provider = lane.name
+                    if exc.request_id is None:
+                        exc.request_id = request.request_id
+                    if not is_retryable(exc):
+                        raise
+                    if state is None:
+                        state = lane.retry.new_state()
+                        state.attempt_number = attempts
+                    wait_s = lane.retry.next_wait(state, exc)
+                    if wait_s is None:
+                        raise
+                    if exc.retry_after_s is not None and exc.status == 429:
+                        lane.pause(wait_s)
+                    if item.deadline is not None and time.monotonic() + wait_s > item.deadline:
+                        raise DeadlineExceededError(
+                            f"request {request.request_id} deadline of {request.timeout}s passes before the "
+                            f"next attempt (backoff {wait_s:.2f}s after: {exc})",
+                            request_id=request.request_id, provider=lane.name) from exc
+                    if log.isEnabledFor(logging.WARNING):
+                        log.warning("retrying request_id=%s provider=%s attempt=%d in %.2fs after %s",
+                                    request.request_id, lane.name, attempts, wait_s, type(exc).__name__,
+                                    extra={"request_id": request.request_id, "provider": lane.name,
+                                           "attempts": attempts, "backoff_s": round(wait_s, 3),
+                                           "error": type(exc).__name__})
+                    if wait_s > 0 and not (exc.status == 429 and exc.retry_after_s is not None):
+                        lane.retry.sleep(wait_s)
+                    if self._stopping.is_set():
+                        raise ExecutorShutdownError("executor shut down during a retry backoff") from exc
+                    continue
+                response = dataclasses.replace(
+                    response, provider=lane.name, request_id=request.request_id,
+                    latency_ms=latency_ms, queue_ms=queue_ms, attempts=attempts,
+                )
+                break
+        except BaseException as exc:
+            if self._try_fallback(lane, item, exc, attempts):
+                return
+            self._settle_error(item, exc, latency_ms, attempts, queue_ms)
+            return
+        try:
+            item.future.set_result(response)
+        except InvalidStateError:
+            return  # the deadline reaper failed it while the provider was still answering
+        lane.metrics.on_success(latency_ms)
+        _log_finish(item, response, "done", latency_ms, attempts)
+
+    def _attempt(self, lane: _Lane, request: LLMRequest, *, is_retry: bool) -> tuple[LLMResponse, float]:
+        """One provider call between the global slot, the TPM reservation and the metrics."""
+        limiter = lane.limiter
+        release = limiter.acquire_slot(self._stopping, None) if lane.pcfg.global_max_parallel else None
+        estimate = 0
+        try:
+            if lane.pcfg.tpm is not None:
+                estimate = _limits.estimate_tokens(request.prompt, request.system, request.max_output_tokens)
+                limiter.reserve_tokens(estimate, self._stopping, None)
+            metrics = lane.metrics
+            metrics.on_attempt_start(is_retry)
+            t0 = time.perf_counter()
+            response: LLMResponse | None = None
+            try:
+                response = lane.provider.complete(request)
+            finally:
+                latency_ms = (time.perf_counter() - t0) * 1000.0
+                if response is not None and isinstance(response, LLMResponse):
+                    metrics.on_attempt_end(response.prompt_tokens, response.completion_tokens,
+                                           response.usage_tokens)
+                else:
+                    metrics.on_attempt_end(None, None, None)
+                if estimate:
+                    limiter.settle_tokens(estimate, response.usage_tokens if isinstance(response, LLMResponse)
+                                          else None)
+        finally:
+            if release is not None:
+                release()
+        if not isinstance(response, LLMResponse):
+            raise ProviderError(
+                f"provider {lane.name!r} returned {type(response).__name__} from complete(), expected LLMResponse",
+                provider=lane.name, request_id=request.request_id, retryable=False)
+        return response, latency_ms
+
+    def _try_fallback(self, lane: _Lane, item: _Item, exc: BaseException, attempts: int) -> bool:
+        """Hand ``item`` to the next capable provider after a retryable failure; True if handed on."""
+        if not isinstance(exc, ProviderError) or not exc.retryable or self._stopping.is_set():
+            return False
+        request = item.request
+        if not (item.auto or lane.pcfg.fallback) or not self.config.fallbacks:
+            return False
+        tried = (*item.tried, lane.name)
+        for name in self.config.fallbacks:
+            target = self._lanes.get(name)
+            if target is None or name in tried:
+                continue
+            if self._capable(target, request, item.schema) is not None:
+                continue
+            model = request.model if request.model in target.caps.models else (target.pcfg.model or "")
+            moved = _Item(dataclasses.replace(request, model=model, provider=name), item.future, target,
+                          item.schema, item.submit_s, item.deadline)
+            moved.started = True
+            moved.auto = item.auto
+            moved.tried = tried
+            moved.attempts_before = attempts
+            with target.lock:
+                if target.closed and self._stopping.is_set():
+                    return False
+                spawn = target.push_locked(moved, next(self._seq))
+            lane.metrics.on_fallback()
+            target.metrics.on_submit()
+            log.warning("request_id=%s falls back from %s to %s after %s", request.request_id, lane.name, name,
+                        type(exc).__name__, extra={"request_id": request.request_id, "provider": lane.name,
+                                                   "fallback": name, "error": type(exc).__name__})
+            if spawn:
+                self._start_worker(target)
+            return True
+        return False
+
+    def _settle_error(self, item: _Item, exc: BaseException, latency_ms: float, attempts: int,
+                      queue_ms: float = 0.0) -> None:
+        try:
+            item.future.set_exception(exc)
+        except InvalidStateError:
+            return
+        item.lane.metrics.on_failure(exc)
+        _log_finish(item, None, "error", latency_ms, attempts, error=exc)
+
+    def _fail_on_deadline(self, item: _Item) -> None:
+        lane = item.lane
+        waited = time.monotonic() - item.submit_s
+        request = item.request
+        if lane.remove(item):
+            if not item.started and not item.future.set_running_or_notify_cancel():
+                return
+            where = "in the queue"
+        else:
+            where = "while running"
+        self._settle_error(item, DeadlineExceededError(
+            f"request {request.request_id} to {lane.name} exceeded its timeout of {request.timeout}s "
+            f"({waited:.2f}s {where})", request_id=request.request_id, provider=lane.name), 0.0, 0)

@@ -65,7 +65,7 @@ def _validator_for(schema: Mapping[str, Any]) -> Validator:
         return cached
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     try:
-        cls.check_schema(schema)
+        cls.check_schema(dict(schema))
     except SchemaError as exc:
         where = "/".join(str(p) for p in exc.path) or "(root)"
         raise InvalidRequestError(
@@ -124,9 +124,9 @@ def parse_structured(text: str, schema: Mapping[str, Any], *, provider: str | No
     head = text[:_TEXT_HEAD]
     try:
         data = json.loads(strip_code_fence(text))
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise SchemaValidationError(
-            f"output is not valid JSON ({exc.msg} at char {getattr(exc, 'pos', '?')}); text begins {head!r}",
+            f"output is not valid JSON ({exc.msg} at char {exc.pos}); text begins {head!r}",
             path="$", text_head=head, provider=provider, request_id=request_id,
         ) from None
     validator = _validator_for(schema)

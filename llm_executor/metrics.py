@@ -1,0 +1,312 @@
+"""Per-lane counters, latency statistics and the limit auditor; optional Prometheus export.
+
+``LaneMetrics`` is written by the executor under its own lock (never a provider call inside)
+and read as an immutable ``ProviderStats`` snapshot. The auditor keeps what the limits promise
+checkable from outside: the maximum requests in flight ever observed and the maximum number of
+attempt starts in any sliding 1 s window.
+Imports: stdlib only (prometheus-client lazily, in ``PrometheusExporter``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["ExecutorStats", "LaneMetrics", "PrometheusExporter", "ProviderStats"]
+
+_RECENT = 2048  # latencies kept for p50/p95: bounded memory, recent behaviour
+
+
+@dataclass(frozen=True)
+class ProviderStats:
+    """A snapshot of one provider lane.
+
+    Attributes:
+        provider: lane name.
+        queued: requests accepted but not started.
+        in_flight: provider calls running now.
+        submitted: requests accepted (fallbacks into this lane included).
+        completed: requests that ended with a response.
+        failed: requests that ended with an exception; ``failed_by_error`` splits it by class.
+        cancelled: requests cancelled before they started.
+        attempts: provider calls made (retries and repairs included).
+        retries: attempts beyond the first of each request.
+        fallbacks: requests handed on to another provider after retryable failures.
+        latency_ms_mean / _p50 / _p95: provider time of successful attempts (p50/p95 over the
+            last 2048).
+        queue_ms_mean: mean time from submit to the first attempt.
+        prompt_tokens / completion_tokens / tokens: reported usage of every attempt.
+        max_in_flight: the most provider calls ever running at once.
+        max_starts_1s: the most attempt starts in any sliding 1 s window.
+        max_parallel / qps: the configured limits, for comparison.
+        paused_until: wall-clock time (epoch s) until which a 429 paused the lane, or None.
+    """
+
+    provider: str
+    queued: int = 0
+    in_flight: int = 0
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    failed_by_error: dict[str, int] = field(default_factory=dict)
+    cancelled: int = 0
+    attempts: int = 0
+    retries: int = 0
+    fallbacks: int = 0
+    latency_ms_mean: float | None = None
+    latency_ms_p50: float | None = None
+    latency_ms_p95: float | None = None
+    queue_ms_mean: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    tokens: int = 0
+    max_in_flight: int = 0
+    max_starts_1s: int = 0
+    max_parallel: int = 0
+    qps: float | None = None
+    paused_until: float | None = None
+
+    @property
+    def finished(self) -> int:
+        """Requests that reached an end: completed + failed + cancelled."""
+        return self.completed + self.failed + self.cancelled
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data (for JSON)."""
+        return asdict(self)
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
+class ExecutorStats(Mapping[str, ProviderStats]):
+    """Snapshots of every lane, by provider name (a read-only mapping)."""
+
+    def __init__(self, providers: Mapping[str, ProviderStats]) -> None:
+        self._providers = dict(providers)
+
+    def __getitem__(self, name: str) -> ProviderStats:
+        return self._providers[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._providers)
+
+    def __len__(self) -> int:
+        return len(self._providers)
+
+    def __repr__(self) -> str:
+        return f"ExecutorStats({self._providers!r})"
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain data (for JSON): ``{provider: {field: value}}``."""
+        return {name: s.as_dict() for name, s in self._providers.items()}
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    idx = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[idx]
+
+
+class LaneMetrics:
+    """Mutable counters of one lane; every method is cheap and thread-safe."""
+
+    def __init__(self, name: str, max_parallel: int, qps: float | None,
+                 clock_s: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self.max_parallel = max_parallel
+        self.qps = qps
+        self._clock_s = clock_s
+        self._lock = threading.Lock()
+        self.submitted = 0
+        self.completed = 0
+        self.failed: Counter[str] = Counter()
+        self.cancelled = 0
+        self.attempts = 0
+        self.retries = 0
+        self.fallbacks = 0
+        self.latency_sum_ms = 0.0
+        self.latency_n = 0
+        self.recent_ms: deque[float] = deque(maxlen=_RECENT)
+        self.queue_sum_ms = 0.0
+        self.queue_n = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.tokens = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._starts: deque[float] = deque()
+        self.max_starts_1s = 0
+        self.listeners: list[Callable[[str, str, float | None], None]] = []
+
+    def on_submit(self) -> None:
+        with self._lock:
+            self.submitted += 1
+
+    def on_attempt_start(self, is_retry: bool) -> None:
+        now = self._clock_s()
+        with self._lock:
+            self.attempts += 1
+            if is_retry:
+                self.retries += 1
+            self.in_flight += 1
+            if self.in_flight > self.max_in_flight:
+                self.max_in_flight = self.in_flight
+            starts = self._starts
+            starts.append(now)
+            horizon = now - 1.0
+            while starts[0] <= horizon:
+                starts.popleft()
+            if len(starts) > self.max_starts_1s:
+                self.max_starts_1s = len(starts)
+
+    def on_attempt_end(self, prompt_tokens: int | None, completion_tokens: int | None,
+                       total_tokens: int | None) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            if prompt_tokens:
+                self.prompt_tokens += prompt_tokens
+            if completion_tokens:
+                self.completion_tokens += completion_tokens
+            if total_tokens:
+                self.tokens += total_tokens
+            elif prompt_tokens or completion_tokens:
+                self.tokens += (prompt_tokens or 0) + (completion_tokens or 0)
+
+    def on_queue_exit(self, queue_ms: float) -> None:
+        with self._lock:
+            self.queue_sum_ms += queue_ms
+            self.queue_n += 1
+
+    def on_success(self, latency_ms: float) -> None:
+        with self._lock:
+            self.completed += 1
+            self.latency_sum_ms += latency_ms
+            self.latency_n += 1
+            self.recent_ms.append(latency_ms)
+        for listener in self.listeners:
+            listener(self.name, "ok", latency_ms)
+
+    def on_failure(self, error: BaseException) -> None:
+        name = type(error).__name__
+        with self._lock:
+            self.failed[name] += 1
+        for listener in self.listeners:
+            listener(self.name, name, None)
+
+    def on_cancel(self) -> None:
+        with self._lock:
+            self.cancelled += 1
+        for listener in self.listeners:
+            listener(self.name, "cancelled", None)
+
+    def on_fallback(self) -> None:
+        with self._lock:
+            self.fallbacks += 1
+
+    def mean_latency_s(self) -> float | None:
+        """Mean provider time of successful attempts, seconds (None before the first)."""
+        with self._lock:
+            return self.latency_sum_ms / self.latency_n / 1000.0 if self.latency_n else None
+
+    def snapshot(self, queued: int, paused_until: float | None) -> ProviderStats:
+        with self._lock:
+            recent = sorted(self.recent_ms)
+            failed = dict(self.failed)
+            return ProviderStats(
+                provider=self.name,
+                queued=queued,
+                in_flight=self.in_flight,
+                submitted=self.submitted,
+                completed=self.completed,
+                failed=sum(failed.values()),
+                failed_by_error=failed,
+                cancelled=self.cancelled,
+                attempts=self.attempts,
+                retries=self.retries,
+                fallbacks=self.fallbacks,
+                latency_ms_mean=self.latency_sum_ms / self.latency_n if self.latency_n else None,
+                latency_ms_p50=_percentile(recent, 0.50) if recent else None,
+                latency_ms_p95=_percentile(recent, 0.95) if recent else None,
+                queue_ms_mean=self.queue_sum_ms / self.queue_n if self.queue_n else None,
+                prompt_tokens=self.prompt_tokens,
+                completion_tokens=self.completion_tokens,
+                tokens=self.tokens,
+                max_in_flight=self.max_in_flight,
+                max_starts_1s=self.max_starts_1s,
+                max_parallel=self.max_parallel,
+                qps=self.qps,
+                paused_until=paused_until,
+            )
+
+
+class PrometheusExporter:
+    """Exports an executor's lanes to Prometheus (extra ``prometheus``: prometheus-client).
+
+    Counters (requests by outcome, attempts, retries, tokens), a latency histogram and
+    queued / in-flight gauges per provider. Counters and the histogram are fed as requests
+    finish; gauges are read from ``stats()`` at scrape time.
+
+    Args:
+        executor: anything with ``stats()`` returning an ``ExecutorStats`` and ``_lanes`` metrics.
+        registry: a prometheus_client CollectorRegistry (default: the global one).
+        prefix: metric name prefix.
+    """
+
+    def __init__(self, stats: Callable[[], ExecutorStats], lanes: Mapping[str, LaneMetrics],
+                 registry: Any = None, prefix: str = "llm_executor") -> None:
+        try:
+            import prometheus_client as prom
+        except ImportError as exc:  # pragma: no cover - depends on the extra
+            from .errors import ConfigError
+
+            raise ConfigError(
+                "Prometheus export needs prometheus-client: pip install 'llm-executor[prometheus]'"
+            ) from exc
+        kw: dict[str, Any] = {} if registry is None else {"registry": registry}
+        self._requests = prom.Counter(f"{prefix}_requests_total", "Finished requests by outcome",
+                                      ["provider", "outcome"], **kw)
+        self._latency = prom.Histogram(f"{prefix}_latency_seconds", "Provider time of successful requests",
+                                       ["provider"], **kw)
+        self._stats = stats
+        collector = _GaugeCollector(stats, prefix, prom)
+        (registry or prom.REGISTRY).register(collector)
+        self._collector = collector
+        self._registry = registry or prom.REGISTRY
+        for metrics in lanes.values():
+            metrics.listeners.append(self._on_finish)
+
+    def _on_finish(self, provider: str, outcome: str, latency_ms: float | None) -> None:
+        self._requests.labels(provider=provider, outcome=outcome).inc()
+        if latency_ms is not None:
+            self._latency.labels(provider=provider).observe(latency_ms / 1000.0)
+
+
+class _GaugeCollector:
+    def __init__(self, stats: Callable[[], ExecutorStats], prefix: str, prom: Any) -> None:
+        self._stats, self._prefix, self._prom = stats, prefix, prom
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        p = self._prefix
+        queued = GaugeMetricFamily(f"{p}_queued", "Requests accepted but not started", labels=["provider"])
+        in_flight = GaugeMetricFamily(f"{p}_in_flight", "Provider calls running", labels=["provider"])
+        attempts = CounterMetricFamily(f"{p}_attempts", "Provider calls made", labels=["provider"])
+        retries = CounterMetricFamily(f"{p}_retries", "Attempts beyond the first", labels=["provider"])
+        tokens = CounterMetricFamily(f"{p}_tokens", "Reported tokens of every attempt", labels=["provider"])
+        for name, s in self._stats().items():
+            queued.add_metric([name], s.queued)
+            in_flight.add_metric([name], s.in_flight)
+            attempts.add_metric([name], s.attempts)
+            retries.add_metric([name], s.retries)
+            tokens.add_metric([name], s.tokens)
+        yield from (queued, in_flight, attempts, retries, tokens)
+
+    def describe(self) -> list[Any]:
+        return []
