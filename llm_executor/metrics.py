@@ -123,7 +123,6 @@ class LaneMetrics:
         self.qps = qps
         self._clock_s = clock_s
         self._lock = threading.Lock()
-        self.submitted = 0
         self.completed = 0
         self.failed: Counter[str] = Counter()
         self.cancelled = 0
@@ -144,13 +143,13 @@ class LaneMetrics:
         self.max_starts_1s = 0
         self.listeners: list[Callable[[str, str, float | None], None]] = []
 
-    def on_submit(self) -> None:
-        with self._lock:
-            self.submitted += 1
-
-    def on_attempt_start(self, is_retry: bool) -> None:
+    def on_attempt_start(self, is_retry: bool, queue_ms: float | None = None) -> None:
+        """An attempt starts; ``queue_ms`` is given on a request's first attempt."""
         now = self._clock_s()
         with self._lock:
+            if queue_ms is not None:
+                self.queue_sum_ms += queue_ms
+                self.queue_n += 1
             self.attempts += 1
             if is_retry:
                 self.retries += 1
@@ -178,19 +177,15 @@ class LaneMetrics:
             elif prompt_tokens or completion_tokens:
                 self.tokens += (prompt_tokens or 0) + (completion_tokens or 0)
 
-    def on_queue_exit(self, queue_ms: float) -> None:
-        with self._lock:
-            self.queue_sum_ms += queue_ms
-            self.queue_n += 1
-
     def on_success(self, latency_ms: float) -> None:
         with self._lock:
             self.completed += 1
             self.latency_sum_ms += latency_ms
             self.latency_n += 1
             self.recent_ms.append(latency_ms)
-        for listener in self.listeners:
-            listener(self.name, "ok", latency_ms)
+        if self.listeners:
+            for listener in self.listeners:
+                listener(self.name, "ok", latency_ms)
 
     def on_failure(self, error: BaseException) -> None:
         name = type(error).__name__
@@ -214,7 +209,7 @@ class LaneMetrics:
         with self._lock:
             return self.latency_sum_ms / self.latency_n / 1000.0 if self.latency_n else None
 
-    def snapshot(self, queued: int, paused_until: float | None) -> ProviderStats:
+    def snapshot(self, queued: int, submitted: int, paused_until: float | None) -> ProviderStats:
         with self._lock:
             recent = sorted(self.recent_ms)
             failed = dict(self.failed)
@@ -222,7 +217,7 @@ class LaneMetrics:
                 provider=self.name,
                 queued=queued,
                 in_flight=self.in_flight,
-                submitted=self.submitted,
+                submitted=submitted,
                 completed=self.completed,
                 failed=sum(failed.values()),
                 failed_by_error=failed,
