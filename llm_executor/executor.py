@@ -709,6 +709,8 @@ class Executor:
         latency_ms = 0.0
         try:
             while True:
+                if item.future.done():
+                    return  # the deadline reaper settled it (e.g. during a backoff): no more calls
                 if self._stopping.is_set():
                     raise ExecutorShutdownError("executor shut down before the attempt started")
                 if not token_taken:
