@@ -291,7 +291,8 @@ class _DeadlineReaper:
                     wait_s = self._heap[0][0] - time.monotonic()
                     if wait_s <= 0:
                         break
-                    self._cond.wait(wait_s)
+                    # Cap the wait: a deadline years away would overflow threading.TIMEOUT_MAX.
+                    self._cond.wait(min(wait_s, 3600.0))
                 if self._stopped:
                     return
                 _, _, item = heapq.heappop(self._heap)
@@ -588,6 +589,8 @@ class Executor:
                         f"{lane.name} queue is full ({lane.capacity} requests waiting); retry after "
                         f"~{lane.retry_after_estimate_s():.2f}s", retry_after_s=lane.retry_after_estimate_s(),
                         provider=lane.name)
+                if block_timeout is not None:
+                    block_timeout = min(block_timeout, threading.TIMEOUT_MAX)
                 if not lane.not_full.wait_for(lane.has_room, timeout=block_timeout):
                     raise QueueFullError(
                         f"{lane.name} queue still full ({lane.capacity} requests waiting) after "
