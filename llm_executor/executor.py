@@ -100,6 +100,15 @@ class _LLMFuture(Future[LLMResponse]):
 
     _llm_item: _Item | None = None
 
+    def __init__(self) -> None:
+        super().__init__()
+        # Memory per queued request (target ≤ 2 KB): the Condition's waiter deque preallocates a
+        # 64-slot block (~760 B) that almost no Future ever uses. Condition only appends to,
+        # indexes [0] and removes from _waiters, which a list does as well at 56 B.
+        waiters = getattr(self._condition, "_waiters", None)
+        if isinstance(waiters, deque) and not waiters:
+            self._condition._waiters = []  # type: ignore[attr-defined]
+
     def cancel(self) -> bool:
         cancelled = super().cancel()
         item = self._llm_item
