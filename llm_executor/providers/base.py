@@ -508,17 +508,19 @@ class HTTPProvider:
         if retry_after_s is None:
             retry_after_s = self._body_retry_after_s(info)
         log.debug("%s error status=%s x-request-id=%s", self.name, status, provider_request_id)
+        if status == 429 and self._is_quota_exhausted(info):
+            # Quota exhaustion is final whatever x-should-retry says: waiting does not refill it.
+            return RateLimitedError(message, retryable=False, retry_after_s=retry_after_s, **kw)
+        # OpenAI's x-should-retry takes precedence over the status (as in openai-python).
+        should_retry = (response.headers.get("x-should-retry") or "").strip().lower()
+        retryable = status in self.retryable_statuses
+        if should_retry in ("true", "false"):
+            retryable = should_retry == "true"
         if status == 429:
-            if self._is_quota_exhausted(info):
-                return RateLimitedError(message, retryable=False, retry_after_s=retry_after_s, **kw)
-            return RateLimitedError(message, retryable=True, retry_after_s=retry_after_s, **kw)
-        if status >= 500:
-            return ProviderUnavailableError(
-                message, retryable=status in self.retryable_statuses, retry_after_s=retry_after_s, **kw
-            )
-        if status in self.retryable_statuses:  # 408, and 409 for OpenAI
-            return ProviderUnavailableError(message, retryable=True, retry_after_s=retry_after_s, **kw)
-        return ProviderError(message, retryable=False, **kw)
+            return RateLimitedError(message, retryable=retryable, retry_after_s=retry_after_s, **kw)
+        if status >= 500 or status in self.retryable_statuses:  # 408, and 409 for OpenAI
+            return ProviderUnavailableError(message, retryable=retryable, retry_after_s=retry_after_s, **kw)
+        return ProviderError(message, retryable=retryable, **kw)
 
     def parse_guarded(self, parse: Callable[[dict[str, Any]], LLMResponse], payload: dict[str, Any],
                       request: LLMRequest) -> LLMResponse:

@@ -308,3 +308,23 @@ def test_health_check_raises_on_bad_key(wire: responses.RequestsMock) -> None:
     with pytest.raises(ProviderError, match="invalid_api_key") as info:
         provider().health_check()
     assert info.value.retryable is False and "sk-test" not in str(info.value)
+
+
+@pytest.mark.parametrize(("status", "header", "retryable"), [
+    (500, "false", False), (400, "true", True), (429, "false", False), (503, "TRUE", True),
+])
+def test_x_should_retry_takes_precedence_over_the_status(wire: responses.RequestsMock, status: int,
+                                                         header: str, retryable: bool) -> None:
+    wire.add(responses.POST, OPENAI_URL, json={"error": {"message": "m"}}, status=status,
+             headers={"x-should-retry": header})
+    with pytest.raises(ProviderError) as info:
+        provider().complete(req())
+    assert info.value.retryable is retryable
+
+
+def test_x_should_retry_true_does_not_revive_an_exhausted_quota(wire: responses.RequestsMock) -> None:
+    wire.add(responses.POST, OPENAI_URL, json=OPENAI_QUOTA_429, status=429,
+             headers={"x-should-retry": "true"})
+    with pytest.raises(RateLimitedError) as info:
+        provider().complete(req())
+    assert info.value.retryable is False
