@@ -16,6 +16,7 @@ Imports: ``types``, ``errors``, ``config`` and ``requests``; never the executor.
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import math
@@ -286,7 +287,7 @@ def build_session(config: ProviderConfig) -> requests.Session:
     return session
 
 
-class HTTPProvider:
+class HTTPProvider(abc.ABC):
     """Base of the built-in adapters: owns the HTTP call and the error translation.
 
     Subclasses set ``default_base_url`` and ``retryable_statuses``, and implement ``_headers``,
@@ -328,6 +329,20 @@ class HTTPProvider:
     def close(self) -> None:
         """Close the session's pooled connections."""
         self.session.close()
+
+    # -- the adapter's part ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def capabilities(self) -> Capabilities:
+        """What the provider can do (output-token caps, JSON modes, known models)."""
+
+    @abc.abstractmethod
+    def complete(self, request: LLMRequest) -> LLMResponse:
+        """Run one attempt of ``request``; failures raise ProviderError subclasses."""
+
+    @abc.abstractmethod
+    def health_check(self) -> str:
+        """A cheap call proving the endpoint and key work; a short description, or ProviderError."""
 
     # -- hooks ----------------------------------------------------------------------------------
 
