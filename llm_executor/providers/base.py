@@ -1,18 +1,61 @@
-"""The Provider protocol: the executor's only view of a provider.
+"""The Provider protocol and the shared HTTP base of the built-in adapters.
 
-Any object with ``name``, ``capabilities()`` and ``complete(request)`` is a provider. The
-executor hands ``complete`` a request whose ``timeout`` is the time left before the request's
-deadline (or None), whose ``model`` is resolved and whose ``json_schema`` is a dict.
-Imports: ``types``, ``errors``, ``config``; never the executor.
+``Provider`` is the executor's only view of a provider: any object with ``name``,
+``capabilities()`` and ``complete(request)``. The executor hands ``complete`` a request whose
+``timeout`` is the time left before the request's deadline (or None), whose ``model`` may be
+"" (the adapter's configured default) and whose ``json_schema`` is a dict.
+
+``HTTPProvider`` owns the HTTP call of every built-in adapter: one ``requests.Session`` per
+adapter, (connect, read) timeouts, ``allow_redirects=False``, and the *one* place where
+``requests`` exceptions and HTTP error statuses become ``llm_executor.errors``. No ``requests``
+exception, no URL query string and no API key ever leaves this module in an error message,
+an exception chain or a log record. Adapters only build bodies and parse payloads.
+
+Imports: ``types``, ``errors``, ``config`` and ``requests``; never the executor.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import abc
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, ClassVar, NoReturn, Protocol, runtime_checkable
+from urllib.parse import urlsplit
 
+import requests
+from requests.adapters import HTTPAdapter
+
+from ..config import ProviderConfig, mask_url
+from ..errors import (
+    InvalidRequestError,
+    LLMExecutorError,
+    ProviderError,
+    ProviderUnavailableError,
+    RateLimitedError,
+)
 from ..types import Capabilities, LLMRequest, LLMResponse
 
-__all__ = ["Provider"]
+__all__ = [
+    "ErrorInfo",
+    "HTTPProvider",
+    "MalformedResponseError",
+    "Provider",
+    "build_session",
+    "parse_duration_s",
+    "parse_error_body",
+    "parse_retry_after",
+]
+
+log = logging.getLogger(__name__)
+
+# Longest provider error text we copy into our own messages: enough to act on, short enough for a log line.
+_MAX_MESSAGE_CHARS = 300
 
 
 @runtime_checkable
@@ -33,3 +76,486 @@ class Provider(Protocol):
     def complete(self, request: LLMRequest) -> LLMResponse:
         """Run one attempt of ``request`` and return the response."""
         ...
+
+
+class MalformedResponseError(Exception):
+    """A 2xx payload that does not have the expected shape (internal; becomes a ProviderError)."""
+
+
+# --- header and body parsing -------------------------------------------------------------------
+
+
+def parse_retry_after(headers: Mapping[str, str], *, now: datetime | None = None) -> float | None:
+    """The wait, in seconds, a response asks for; None when it names none.
+
+    Reads ``retry-after-ms`` (float milliseconds, OpenAI) first, then ``retry-after`` as
+    delta-seconds or as an HTTP date (the delay from ``now``, never negative). Garbage is
+    ignored rather than raised: a bad hint must not turn a retryable error into a crash.
+
+    Args:
+        headers: response headers (case-insensitive mapping from ``requests``, or a dict with
+            lowercase names).
+        now: the current time for HTTP dates; defaults to ``datetime.now(UTC)``.
+
+    Returns:
+        Seconds to wait (>= 0), or None.
+    """
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms is not None:
+        value = _finite_float(raw_ms)
+        if value is not None and value >= 0:
+            return value / 1000.0
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    value = _finite_float(raw)
+    if value is not None:
+        return value if value >= 0 else None
+    try:
+        when = parsedate_to_datetime(raw.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; parsedate gives naive for "-0000"
+        when = when.replace(tzinfo=UTC)
+    delay_s = (when - (now or datetime.now(UTC))).total_seconds()
+    return max(0.0, delay_s)
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
+
+
+def parse_duration_s(text: object) -> float | None:
+    """Seconds in a protobuf Duration string such as Gemini's ``"17s"`` or ``"0.5s"``; None otherwise."""
+    if not isinstance(text, str):
+        return None
+    match = _DURATION_RE.match(text)
+    return float(match.group(1)) if match else None
+
+
+def _finite_float(raw: str) -> float | None:
+    try:
+        value = float(raw.strip())
+    except (AttributeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """What an error body says, whatever its shape.
+
+    Attributes:
+        message: the provider's message ("" when there is none).
+        code: ``error.code`` as a string (OpenAI strings, Gemini and vLLM integers).
+        status: Gemini's RPC status (``RESOURCE_EXHAUSTED``...) when given.
+        type: OpenAI's ``error.type`` when given.
+        details: Gemini's ``error.details`` entries that are objects.
+    """
+
+    message: str = ""
+    code: str | None = None
+    status: str | None = None
+    type: str | None = None
+    details: tuple[Mapping[str, Any], ...] = ()
+
+
+def parse_error_body(content: bytes | str) -> ErrorInfo:
+    """Read an error body in any shape providers and proxies send.
+
+    Accepts ``{"error": {...}}`` (OpenAI, Gemini, new vLLM), ``{"error": "text"}`` (Ollama,
+    LM Studio), ``[{"error": {...}}]`` (Gemini, some paths), a top-level ``message`` (old
+    vLLM), and non-JSON text or HTML from a proxy. Never raises.
+    """
+    try:
+        data: Any = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        text = content.decode("utf-8", "replace") if isinstance(content, bytes) else content
+        # Proxies answer with HTML pages: keep the words, drop the markup.
+        return ErrorInfo(message=" ".join(re.sub(r"<[^>]*>", " ", text).split()))
+    if isinstance(data, list) and data:
+        data = data[0]
+    if not isinstance(data, dict):
+        return ErrorInfo(message=_as_text(data))
+    err = data.get("error")
+    if isinstance(err, list) and err:
+        err = err[0]
+    if isinstance(err, dict):
+        details = err.get("details")
+        return ErrorInfo(
+            message=_as_text(err.get("message")),
+            code=_optional_text(err.get("code")),
+            status=_optional_text(err.get("status")),
+            type=_optional_text(err.get("type")),
+            details=tuple(d for d in details if isinstance(d, dict)) if isinstance(details, list) else (),
+        )
+    if isinstance(err, str):
+        return ErrorInfo(message=err)
+    return ErrorInfo(
+        message=_as_text(data.get("message") or data.get("detail")),
+        code=_optional_text(data.get("code")),
+        type=_optional_text(data.get("type")),
+    )
+
+
+def _as_text(value: object) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value, default=str)[:_MAX_MESSAGE_CHARS]
+
+
+def _optional_text(value: object) -> str | None:
+    if value is None or isinstance(value, bool):
+        return None
+    return str(value) if isinstance(value, str | int) else None
+
+
+# --- defensive payload access (a KeyError or TypeError must never escape an adapter) ------------
+
+
+def expect_dict(value: object, where: str) -> dict[str, Any]:
+    """``value`` when it is a JSON object, else MalformedResponseError naming ``where``."""
+    if not isinstance(value, dict):
+        raise MalformedResponseError(f"{where} is not an object")
+    return value
+
+
+def expect_list(value: object, where: str) -> list[Any]:
+    """``value`` when it is a JSON array, else MalformedResponseError naming ``where``."""
+    if not isinstance(value, list):
+        raise MalformedResponseError(f"{where} is not an array")
+    return value
+
+
+def optional_dict(value: object) -> dict[str, Any]:
+    """``value`` when it is a JSON object, else an empty dict (for optional sections)."""
+    return value if isinstance(value, dict) else {}
+
+
+def optional_count(value: object) -> int | None:
+    """A token count, or None when missing or not a non-negative integer."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+def optional_str(value: object) -> str | None:
+    """``value`` when it is a string, else None."""
+    return value if isinstance(value, str) else None
+
+
+def sum_counts(*counts: int | None) -> int | None:
+    """The sum of the counts present; None when none is."""
+    present = [c for c in counts if c is not None]
+    return sum(present) if present else None
+
+
+def request_schema(request: LLMRequest) -> dict[str, Any] | None:
+    """``request.json_schema`` as a dict (the executor normally passes one already).
+
+    Raises:
+        InvalidRequestError: a string that is not a JSON object.
+    """
+    schema = request.json_schema
+    if schema is None:
+        return None
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError:
+            raise InvalidRequestError("LLMRequest.json_schema is not valid JSON",
+                                      field="json_schema") from None
+    if not isinstance(schema, Mapping):
+        raise InvalidRequestError("LLMRequest.json_schema must be a JSON object", field="json_schema")
+    return dict(schema)
+
+
+# --- the HTTP base -------------------------------------------------------------------------------
+
+
+def build_session(config: ProviderConfig) -> requests.Session:
+    """A Session whose pool holds ``config.max_parallel`` connections and never retries.
+
+    urllib3 discards connections past ``pool_maxsize`` ("Connection pool is full"), so the pool
+    is sized to the lane's in-flight cap. ``max_retries=0``: retries belong to the executor,
+    which honours Retry-After and takes a fresh rate token per attempt.
+    """
+    session = requests.Session()
+    # One adapter talks to one host, so a couple of per-host pools is plenty.
+    adapter = HTTPAdapter(pool_connections=2, pool_maxsize=config.max_parallel, max_retries=0)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
+
+
+class HTTPProvider(abc.ABC):
+    """Base of the built-in adapters: owns the HTTP call and the error translation.
+
+    Subclasses set ``default_base_url`` and ``retryable_statuses``, and implement ``_headers``,
+    ``complete``, ``capabilities`` and ``health_check``; they may refine ``_is_quota_exhausted``,
+    ``_body_retry_after_s`` and ``_describe_error`` for their error bodies.
+
+    Attributes:
+        name: the provider (lane) name, copied onto every response and error.
+        config: the lane's ProviderConfig.
+        session: the ``requests.Session`` every call goes through (injected or built).
+    """
+
+    default_base_url: ClassVar[str] = ""
+    # 408/429/5xx are transient everywhere; 409 is added by OpenAI (a lock timeout there).
+    retryable_statuses: ClassVar[frozenset[int]] = frozenset({408, 429, 500, 502, 503, 504})
+
+    def __init__(self, name: str, config: ProviderConfig, session: requests.Session | None = None) -> None:
+        """Create the adapter.
+
+        Args:
+            name: the lane name (usually "openai", "gemini" or "ollama").
+            config: the lane's settings (base_url, model, api_key, timeouts, max_parallel...).
+            session: a Session to send through (tests inject one); None builds one sized to
+                ``config.max_parallel``.
+        """
+        self.name = name
+        self.config = config
+        self.session = session if session is not None else build_session(config)
+
+    def __repr__(self) -> str:
+        # Never the key; the base URL masked in case it carries a password or a query.
+        return f"{type(self).__name__}(name={self.name!r}, base_url={mask_url(self.base_url)!r})"
+
+    @property
+    def base_url(self) -> str:
+        """The endpoint root in use (``config.base_url`` or the provider's default)."""
+        return (self.config.base_url or self.default_base_url).strip()
+
+    def close(self) -> None:
+        """Close the session's pooled connections."""
+        self.session.close()
+
+    # -- the adapter's part ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def capabilities(self) -> Capabilities:
+        """What the provider can do (output-token caps, JSON modes, known models)."""
+
+    @abc.abstractmethod
+    def complete(self, request: LLMRequest) -> LLMResponse:
+        """Run one attempt of ``request``; failures raise ProviderError subclasses."""
+
+    @abc.abstractmethod
+    def health_check(self) -> str:
+        """A cheap call proving the endpoint and key work; a short description, or ProviderError."""
+
+    # -- hooks ----------------------------------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        """Headers of every call, auth included."""
+        return {}
+
+    def _is_quota_exhausted(self, info: ErrorInfo) -> bool:
+        """Whether a 429 means a quota that will not refill soon (then not retryable)."""
+        return False
+
+    def _body_retry_after_s(self, info: ErrorInfo) -> float | None:
+        """A wait the error body asks for (Gemini's RetryInfo); None by default."""
+        return None
+
+    def _describe_error(self, status: int, info: ErrorInfo, model: str | None) -> str | None:
+        """A clearer message for a known error, or None to use the provider's own."""
+        return None
+
+    # -- shared helpers --------------------------------------------------------------------------
+
+    def resolve_model(self, request: LLMRequest) -> str:
+        """``request.model``, else ``config.model``.
+
+        Raises:
+            InvalidRequestError: neither is set; names LLM_EXECUTOR_<NAME>_MODEL.
+        """
+        model = (request.model or self.config.model or "").strip()
+        if not model:
+            raise InvalidRequestError(
+                f"no model for provider {self.name!r}: set LLMRequest.model or "
+                f"LLM_EXECUTOR_{self.name.upper()}_MODEL",
+                field="model",
+            )
+        return model
+
+    def read_timeout_s(self, request: LLMRequest | None) -> float:
+        """The per-attempt read timeout: ``config.timeout``, cut to the time left before the deadline."""
+        if request is not None and request.timeout is not None:
+            return max(0.001, min(self.config.timeout, request.timeout))
+        return self.config.timeout
+
+    def redact(self, text: str) -> str:
+        """``text`` with the key, key-like tokens and URL query strings hidden, truncated."""
+        key = self.config.api_key
+        if key and key.strip():
+            text = text.replace(key.strip(), "***")
+        # Providers echo (partly masked) keys back ("Incorrect API key provided: sk-abc***xyz").
+        text = re.sub(r"\b(sk-|AIza)[A-Za-z0-9_\-*.]{4,}", r"\1***", text)
+        text = re.sub(r"(https?://[^\s?#\"']*)\?[^\s\"']*", r"\1?***", text)
+        text = re.sub(r"(?i)\b(key|api_key|apikey|token)=[^&\s\"']+", r"\1=***", text)
+        if len(text) > _MAX_MESSAGE_CHARS:
+            text = text[: _MAX_MESSAGE_CHARS - 3] + "..."
+        return text
+
+    def _where(self) -> str:
+        # Scheme and host only: a base URL may carry a password or a query string.
+        parts = urlsplit(self.base_url if "://" in self.base_url else "https://" + self.base_url)
+        try:
+            port = f":{parts.port}" if parts.port else ""
+        except ValueError:
+            port = ""
+        return f"{parts.scheme}://{parts.hostname}{port}" if parts.hostname else "(no host)"
+
+    # -- the HTTP call -----------------------------------------------------------------------------
+
+    def request_json(
+        self,
+        method: str,
+        url: str,
+        *,
+        body: Mapping[str, Any] | None = None,
+        request: LLMRequest | None = None,
+        model: str | None = None,
+    ) -> dict[str, Any]:
+        """Send one HTTP call and return its JSON object; the only place errors are translated.
+
+        Args:
+            method: "GET" or "POST".
+            url: the full URL (never with a key in it).
+            body: the JSON body for POST.
+            request: the LLMRequest being served (its timeout and request_id), if any.
+            model: the model, for error messages.
+
+        Returns:
+            The decoded JSON object of a 2xx response.
+
+        Raises:
+            ProviderUnavailableError: connection error or timeout (retryable), or a 5xx.
+            RateLimitedError: 429; not retryable when the quota is exhausted.
+            ProviderError: any other status (a 3xx is never followed), or a 2xx body that is
+                not a JSON object.
+        """
+        request_id = (request.request_id or None) if request is not None else None
+        read_s = self.read_timeout_s(request)
+        response: requests.Response | None = None
+        failure: ProviderError | None = None
+        try:
+            response = self.session.request(
+                method,
+                url,
+                json=body,
+                headers=self._headers(),
+                timeout=(self.config.connect_timeout, read_s),
+                # requests re-sends custom headers (x-goog-api-key) to a redirect's new host.
+                allow_redirects=False,
+            )
+        except requests.RequestException as exc:
+            failure = self._transport_error(exc, read_s, request_id)
+        # Raised outside the except block on purpose: requests exceptions carry the URL and the
+        # PreparedRequest (its headers hold the key), so they must not ride along as __context__.
+        if failure is not None or response is None:
+            raise failure or ProviderError(f"{self.name}: no response", provider=self.name)
+        try:
+            return self._checked_json(response, request_id, model)
+        finally:
+            response.close()
+
+    def _transport_error(self, exc: requests.RequestException, read_s: float,
+                         request_id: str | None) -> ProviderError:
+        where = self._where()
+        kind = type(exc).__name__
+        if isinstance(exc, requests.ConnectTimeout):
+            message = f"{self.name}: could not connect to {where} within {self.config.connect_timeout:g}s"
+        elif isinstance(exc, requests.ReadTimeout):
+            # The provider may have started (and billed) the generation: a retry can cost twice.
+            message = f"{self.name}: no response from {where} within {read_s:g}s (read timeout)"
+        elif isinstance(exc, requests.exceptions.SSLError):
+            return ProviderError(f"{self.name}: TLS error talking to {where} ({kind})", provider=self.name,
+                                 request_id=request_id, retryable=False)
+        elif isinstance(exc, requests.ConnectionError | requests.exceptions.ChunkedEncodingError):
+            message = f"{self.name}: connection to {where} failed ({kind})"
+        else:
+            # InvalidURL, InvalidHeader (a key with a newline: requests' message quotes it)...
+            return ProviderError(
+                f"{self.name}: the request to {where} could not be sent ({kind}); check the base URL "
+                f"and LLM_EXECUTOR_{self.name.upper()}_API_KEY for stray characters",
+                provider=self.name, request_id=request_id, retryable=False,
+            )
+        return ProviderUnavailableError(message, provider=self.name, request_id=request_id, retryable=True)
+
+    def _checked_json(self, response: requests.Response, request_id: str | None,
+                      model: str | None) -> dict[str, Any]:
+        status = response.status_code
+        if not 200 <= status < 300:
+            raise self._status_error(response, request_id, model)
+        try:
+            data = json.loads(response.content)
+        except (ValueError, UnicodeDecodeError):
+            data = None
+        if not isinstance(data, dict):
+            raise ProviderError(
+                f"{self.name}: malformed response (HTTP {status}): the body is not a JSON object",
+                provider=self.name, status=status, request_id=request_id, retryable=False,
+            )
+        return data
+
+    def _status_error(self, response: requests.Response, request_id: str | None,
+                      model: str | None) -> ProviderError:
+        status = response.status_code
+        kw: dict[str, Any] = {"provider": self.name, "status": status, "request_id": request_id}
+        if 300 <= status < 400:
+            # Location is left out: it may carry a query string.
+            return ProviderError(
+                f"{self.name}: HTTP {status} redirect from {self._where()} not followed; "
+                "check LLM_EXECUTOR_" + self.name.upper() + "_BASE_URL",
+                retryable=False, **kw,
+            )
+        info = parse_error_body(response.content)
+        provider_request_id = response.headers.get("x-request-id")
+        suffix = f" [x-request-id {self.redact(provider_request_id)}]" if provider_request_id else ""
+        detail = self._describe_error(status, info, model)
+        if detail is None:
+            code = f" ({self.redact(info.code)})" if info.code else ""
+            detail = f"HTTP {status}{code}: {self.redact(info.message) or response.reason or 'no message'}"
+        message = f"{self.name}: {detail}{suffix}"
+        retry_after_s = parse_retry_after(response.headers)
+        if retry_after_s is None:
+            retry_after_s = self._body_retry_after_s(info)
+        log.debug("%s error status=%s x-request-id=%s", self.name, status, provider_request_id)
+        if status == 429 and self._is_quota_exhausted(info):
+            # Quota exhaustion is final whatever x-should-retry says: waiting does not refill it.
+            return RateLimitedError(message, retryable=False, retry_after_s=retry_after_s, **kw)
+        # OpenAI's x-should-retry takes precedence over the status (as in openai-python).
+        should_retry = (response.headers.get("x-should-retry") or "").strip().lower()
+        retryable = status in self.retryable_statuses
+        if should_retry in ("true", "false"):
+            retryable = should_retry == "true"
+        if status == 429:
+            return RateLimitedError(message, retryable=retryable, retry_after_s=retry_after_s, **kw)
+        if status >= 500 or status in self.retryable_statuses:  # 408, and 409 for OpenAI
+            return ProviderUnavailableError(message, retryable=retryable, retry_after_s=retry_after_s, **kw)
+        return ProviderError(message, retryable=retryable, **kw)
+
+    def parse_guarded(self, parse: Callable[[dict[str, Any]], LLMResponse], payload: dict[str, Any],
+                      request: LLMRequest) -> LLMResponse:
+        """Run ``parse(payload)``; a shape surprise becomes a non-retryable "malformed response" error."""
+        request_id = request.request_id or None
+        try:
+            return parse(payload)
+        except LLMExecutorError:
+            raise
+        except MalformedResponseError as exc:
+            reason = str(exc)
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+            reason = f"unexpected JSON shape ({type(exc).__name__})"
+        self._raise_malformed(reason, request_id)
+
+    def _raise_malformed(self, reason: str, request_id: str | None) -> NoReturn:
+        raise ProviderError(f"{self.name}: malformed response: {reason}", provider=self.name,
+                            status=200, request_id=request_id, retryable=False)
+
+    def missing_key_error(self, *variables: str) -> ProviderError:
+        """The error for a call that needs a key nobody configured (names the variables)."""
+        names = " or ".join((*variables, f"LLM_EXECUTOR_{self.name.upper()}_API_KEY"))
+        return ProviderError(f"{self.name}: no API key: set {names}", provider=self.name, retryable=False)

@@ -18,8 +18,12 @@ Factory = Callable[[str, ProviderConfig], Provider]
 
 
 def _factories() -> dict[str, Factory]:
-    # Filled in by the provider-adapter issue; until then a built-in name has no adapter.
-    return {}
+    # Imported lazily: importing the registry must not pull in requests for users of custom providers only.
+    from .gemini import GeminiProvider
+    from .ollama import OllamaProvider
+    from .openai import OpenAIProvider
+
+    return {"gemini": GeminiProvider, "ollama": OllamaProvider, "openai": OpenAIProvider}
 
 
 def builtin_names() -> tuple[str, ...]:
