@@ -50,7 +50,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -371,6 +371,7 @@ class Emulator:
         self._host = host
         self._port = port
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified whenever a request is answered
         self._stopping = threading.Event()
         self._states = {name: _ProviderState(name, sim, seed) for name, sim in self._sims.items()}
         self._records: list[RecordedRequest] = []
@@ -480,6 +481,17 @@ class Emulator:
         with self._lock:
             return [r for r in self._records if provider is None or r.provider == provider]
 
+    def wait_idle(self, timeout_s: float = 5.0) -> bool:
+        """Wait until no generation request is in flight (e.g. after client-side timeouts).
+
+        Returns:
+            True when idle, False when ``timeout_s`` passed first.
+        """
+        with self._idle:
+            return self._idle.wait_for(
+                lambda: all(st.in_flight == 0 for st in self._states.values()), timeout=timeout_s
+            )
+
     def reset(self) -> None:
         """Forget recorded requests and counters and reseed the fault RNGs (limits keep running)."""
         with self._lock:
@@ -550,6 +562,7 @@ class Emulator:
                 elif st is not None:
                     # reset() replaced the state while this request ran: settle on the new one.
                     self._states[st.name].in_flight -= 1
+                self._idle.notify_all()
 
     def _arrive(self, st: _ProviderState, now: float) -> None:
         st.requests += 1
@@ -1337,13 +1350,3 @@ def serve(
     finally:
         emu.stop()
     return emu
-
-
-@contextlib.contextmanager
-def _running(emu: Emulator) -> Iterator[Emulator]:
-    """Start ``emu`` for a block (used by the pytest fixture)."""
-    emu.start()
-    try:
-        yield emu
-    finally:
-        emu.stop()
