@@ -29,7 +29,7 @@ thread never hangs forever), ``malformed`` (HTTP 200 whose body is cut-off JSON)
 (a reply cut to half its tokens with finish reason length: "length", "MAX_TOKENS",
 done_reason "length") and ``blocked`` (Gemini: 200 with ``promptFeedback.blockReason``; OpenAI: a
 ``refusal``; Ollama: empty content). Each provider has its own ``random.Random`` seeded from
-``(seed, provider)`` and draws once per generation request in arrival order, so the same
+``(seed, provider)`` and draws once per accepted generation request in arrival order, so the same
 sequence of requests meets the same faults.
 
 Replies come from ``llm_executor.testing.responder`` (deterministic; see its rules).
@@ -350,6 +350,8 @@ class Emulator:
         seed: seeds the fault RNGs (one per provider).
         host: the address to bind; keep 127.0.0.1 unless other machines must reach it.
         port: 0 picks a free port.
+        max_records: requests kept for ``requests()``; the oldest are dropped past it, so a
+            long ``serve`` run stays bounded (``stats()`` counters cover every request).
 
     Raises:
         ValueError: a provider name other than openai, gemini, ollama.
@@ -362,6 +364,7 @@ class Emulator:
         seed: int = 0,
         host: str = "127.0.0.1",
         port: int = 0,
+        max_records: int = 100_000,
     ) -> None:
         unknown = sorted(set(providers or {}) - set(PROVIDERS))
         if unknown:
@@ -374,7 +377,10 @@ class Emulator:
         self._idle = threading.Condition(self._lock)  # notified whenever a request is answered
         self._stopping = threading.Event()
         self._states = {name: _ProviderState(name, sim, seed) for name, sim in self._sims.items()}
-        self._records: list[RecordedRequest] = []
+        # Keyed by arrival number; dict order is arrival order, so the oldest is evicted first.
+        self._records: dict[int, RecordedRequest] = {}
+        self._arrivals = 0
+        self._max_records = max_records
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -442,7 +448,10 @@ class Emulator:
     @property
     def base_url(self) -> str:
         """``http://HOST:PORT`` with no trailing slash."""
-        return f"http://{self._host}:{self.port}"
+        # A wildcard bind address is not a client target (Ollama's ConnectableHost does the same).
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self._host, self._host)
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}"
 
     def url(self, provider: str) -> str:
         """The ``ProviderConfig.base_url`` for ``provider`` ("openai" gets the ``/v1`` suffix).
@@ -479,7 +488,7 @@ class Emulator:
     def requests(self, provider: str | None = None) -> list[RecordedRequest]:
         """Every request received, oldest first (only ``provider``'s when given)."""
         with self._lock:
-            return [r for r in self._records if provider is None or r.provider == provider]
+            return [r for r in self._records.values() if provider is None or r.provider == provider]
 
     def wait_idle(self, timeout_s: float = 5.0) -> bool:
         """Wait until no generation request is in flight (e.g. after client-side timeouts).
@@ -530,8 +539,11 @@ class Emulator:
         )
         generation = provider is not None and method == "POST" and _is_generation(provider, path)
         with self._lock:
-            index = len(self._records)
-            self._records.append(record)
+            index = self._arrivals
+            self._arrivals += 1
+            self._records[index] = record
+            if len(self._records) > self._max_records:
+                del self._records[next(iter(self._records))]
             st = self._states[provider] if generation and provider is not None else None
             if st is not None:
                 self._arrive(st, record.monotonic)
@@ -550,7 +562,7 @@ class Emulator:
             done = time.monotonic()
             status = None if reply is None or reply.drop else reply.status
             with self._lock:
-                if index < len(self._records) and self._records[index] is record:
+                if self._records.get(index) is record:
                     self._records[index] = replace(
                         record, status=status, fault=fault, duration_s=done - record.monotonic
                     )
