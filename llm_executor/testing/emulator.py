@@ -710,6 +710,7 @@ class _Parsed:
     json_mode: bool
     max_tokens: int | None
     endpoint: str = ""
+    stream: bool = False
 
 
 class _Format:
@@ -1186,7 +1187,9 @@ class _Ollama(_Format):
         max_tokens = options.get("num_predict") if isinstance(options, dict) else None
         if not isinstance(max_tokens, int) or max_tokens < 0:
             max_tokens = None
-        return _Parsed(prompt, system, schema, fmt == "json", max_tokens, endpoint=path)
+        # Ollama streams NDJSON unless told "stream": false, a classic adapter bug to catch.
+        stream = body.get("stream", True) is not False
+        return _Parsed(prompt, system, schema, fmt == "json", max_tokens, endpoint=path, stream=stream)
 
     def limited(self, why: str, retry_after_s: float, model: str) -> _Reply:
         # Ollama sends no Retry-After: a full queue is a plain 503.
@@ -1226,6 +1229,15 @@ class _Ollama(_Format):
             body["prompt_eval_count"] = prompt_tokens
         if completion:
             body["eval_count"] = completion
+        if parsed.stream:
+            chunk: dict[str, Any] = {"model": model, "created_at": body["created_at"], "done": False}
+            if parsed.endpoint == "/api/chat":
+                chunk["message"] = {"role": "assistant", "content": text}
+                body["message"] = {"role": "assistant", "content": ""}
+            else:
+                chunk["response"], body["response"] = text, ""
+            lines = [json.dumps(chunk), json.dumps(body)]
+            return _Reply(200, raw="\n".join(lines).encode() + b"\n", content_type="application/x-ndjson")
         return _Reply(200, body, content_type="application/json; charset=utf-8")
 
     def listing(self, method: str, path: str, models: tuple[str, ...]) -> _Reply | None:

@@ -423,3 +423,22 @@ def test_serve_blocks_until_stopped_and_prints_nothing(capsys: pytest.CaptureFix
     emu = serve(port=0, on_ready=ready, stop_event=stop)
     assert urls and urls[0].endswith("/v1") and not emu.running
     assert capsys.readouterr() == ("", "")
+
+
+def test_ollama_streams_ndjson_unless_stream_false(emu: Emulator) -> None:
+    r = requests.post(
+        f"{emu.url('ollama')}/api/chat",
+        json={"model": "llama3.2", "messages": [{"role": "user", "content": "Hi Ada"}]},
+        timeout=TIMEOUT,
+    )
+    assert r.headers["Content-Type"] == "application/x-ndjson"
+    lines = [json.loads(line) for line in r.text.splitlines()]
+    assert [line["done"] for line in lines] == [False, True]
+    assert "".join(line["message"]["content"] for line in lines) == "Echo from llama3.2: Hi Ada"
+
+
+def test_recorder_keeps_only_the_newest_max_records() -> None:
+    with Emulator(max_records=2) as emu:
+        for _ in range(3):
+            openai_call(emu)
+        assert len(emu.requests()) == 2 and emu.stats("openai").requests == 3
