@@ -817,16 +817,21 @@ _STOPWORDS = frozenset({
     "a", "an", "and", "the", "of", "in", "on", "at", "to", "for", "by", "with", "from", "after", "before",
     "when", "while", "this", "that", "these", "those", "it", "its", "he", "she", "they", "we", "i", "but", "or",
     "if", "then", "there", "here", "as", "since", "during", "last", "next", "every", "each", "some", "many",
+    "her", "his", "our", "their", "not", "no", "so", "yet",
 })
+# Titles say who someone is, not which entity: "Professor Anika Sel" and "Anika Sel" are one person.
+_TITLES = frozenset({"mr", "mrs", "ms", "dr", "prof", "professor", "sir", "dame", "councillor", "mayor"})
 _PUNCT = re.compile(r"[^\w\s]+")
 
 
 def normalize_name(name: str) -> str:
     """The dedup key of a name: casefolded, punctuation and whitespace collapsed, a leading
-    article dropped ("The Acme Corp." → "acme corp"). "" when nothing but function words is left
-    (such a "name" is a sentence start, not an entity)."""
+    article and titles dropped ("The Acme Corp." → "acme corp", "Professor Anika Sel" → "anika sel").
+    "" when nothing but function words is left (such a "name" is a sentence start, not an entity)."""
     words = _PUNCT.sub(" ", name.casefold().replace("'s ", " ").replace("’s ", " ")).split()
     while words and words[0] in ("the", "a", "an"):
+        words.pop(0)
+    while len(words) > 1 and words[0] in _TITLES:
         words.pop(0)
     if not words or all(w in _STOPWORDS for w in words):
         return ""

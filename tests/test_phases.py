@@ -204,9 +204,10 @@ def test_chunking_edge_cases_and_bad_arguments() -> None:
 # -- dedup -------------------------------------------------------------------------------------------
 
 
-def test_normalize_name_collapses_case_punctuation_space_and_a_leading_article() -> None:
+def test_normalize_name_collapses_case_punctuation_space_articles_and_titles() -> None:
     assert normalize_name("The  Acme-Corp.") == normalize_name("acme corp") == "acme corp"
-    assert normalize_name("Dr. Ada  Byron") == "dr ada byron"
+    assert normalize_name("Dr. Ada  Byron") == normalize_name("Ada Byron") == "ada byron"
+    assert normalize_name("Mayor") == "mayor"  # a title alone is still a name
     assert normalize_name("The") == "" and normalize_name("In the") == ""
 
 
