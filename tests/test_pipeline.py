@@ -82,3 +82,31 @@ def test_pipeline_keeps_going_when_some_tasks_fail() -> None:
     assert set(result.extraction.error_counts()) <= {"ProviderUnavailableError"}
     assert "halvorsen robotics" in {e.key for e in result.entities}
     assert result.as_dict()["extract"]["failed"] == result.extraction.failed
+
+
+def test_phase_modules_import_only_the_public_api() -> None:
+    """STYLE practice 1: phases, pipeline and batch sit on top of the public names, never executor internals."""
+    import ast
+
+    import llm_executor
+
+    allowed = {"errors", "phases"}
+    for rel in ("phases.py", "pipeline.py", "batch.py"):
+        tree = ast.parse((Path(llm_executor.__file__).parent / rel).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module is None:
+                    assert {a.name for a in node.names} <= set(llm_executor.__all__), rel
+                else:
+                    assert node.module in allowed, f"{rel} imports .{node.module}"
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("llm_executor."):
+                pytest.fail(f"{rel} imports {node.module}")
+
+
+def test_pipeline_with_progress_bars_on_a_non_terminal_runs_quietly(capsys: pytest.CaptureFixture[str]) -> None:
+    fakes = providers("a")
+    with Executor(ExecutorConfig(providers={"a": ProviderConfig()}), fakes) as ex:
+        result = run_pipeline(ex, {"d": "Ada Lovelace met Charles Babbage in London."}, providers=["a"],
+                              progress=True, model="m")
+    assert {e.key for e in result.entities} == {"ada lovelace", "charles babbage", "london"}
+    assert capsys.readouterr().err == ""  # tqdm hides itself when stderr is not a TTY
