@@ -139,6 +139,7 @@ def run_batch(
     *,
     journal_path: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    retry_failed: bool = False,
 ) -> BatchSummary:
     """Run every request of a JSONL file through ``executor``, appending one result line per request.
 
@@ -153,6 +154,9 @@ def run_batch(
         journal_path: an extra file of done ids (one ``{"id": ...}`` line each), read at start
             and appended to after each output line; None: the output alone is the journal.
         progress: a tqdm bar with rate and ETA (hidden when stderr is not a terminal).
+        retry_failed: run again the requests whose line in the output is an error; their error
+            lines are removed first (the output is rewritten atomically), so every id still
+            appears once. Not combinable with ``journal_path``.
 
     Returns:
         A ``BatchSummary``.
@@ -168,8 +172,12 @@ def run_batch(
         raise FileNotFoundError(f"input file {str(src)!r} does not exist")
     if dst.exists() and dst.resolve() == src.resolve():
         raise ValueError("the output file must not be the input file")
+    if retry_failed and journal_path is not None:
+        raise ValueError("retry_failed cannot be combined with journal_path (the journal has no outcomes)")
     summary = BatchSummary(str(src), str(dst))
     done_ids, summary.truncated_bytes = _recover(dst)
+    if retry_failed:
+        done_ids = _drop_error_lines(dst)
     journal = Path(journal_path) if journal_path is not None else None
     if journal is not None:
         journal_ids, _ = _recover(journal)
@@ -232,6 +240,33 @@ def _recover(path: Path) -> tuple[set[str], int]:
         except (ValueError, KeyError, TypeError):
             log.warning("%s line %d is not a result line; ignored", path, n)
     return ids, cut
+
+
+def _drop_error_lines(path: Path) -> set[str]:
+    """Rewrite ``path`` without its error lines (atomically); return the ids of the lines kept."""
+    if not path.exists():
+        return set()
+    kept: list[str] = []
+    ids: set[str] = set()
+    for raw in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            kept.append(raw)
+            continue
+        if isinstance(obj, dict) and obj.get("ok") is False:
+            continue
+        kept.append(raw)
+        if isinstance(obj, dict) and "id" in obj:
+            ids.add(_key(obj["id"]))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    # os.replace is atomic: a crash leaves either the old output or the new one, never a mix.
+    os.replace(tmp, path)
+    return ids
 
 
 def _key(value: Any) -> str:

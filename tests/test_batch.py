@@ -204,3 +204,22 @@ def test_missing_input_and_output_equal_to_input_are_refused(tmp_path: Path) -> 
         src = write_input(tmp_path / "in.jsonl", [{"id": 1, "prompt": "p", "provider": "fake"}])
         with pytest.raises(ValueError, match="input"):
             run_batch(ex, src, src, progress=False)
+
+
+def test_retry_failed_reruns_error_lines_and_keeps_one_line_per_id(tmp_path: Path) -> None:
+    src = write_input(tmp_path / "in.jsonl",
+                      [{"id": i, "prompt": f"p{i}", "provider": "fake", "model": "m"} for i in range(6)])
+    out = tmp_path / "out.jsonl"
+
+    def flaky(request: LLMRequest) -> Any:
+        return RateLimitedError("later", retryable=False) if request.prompt in ("p1", "p4") else "ok"
+    with executor(fake=FakeProvider(caps=CAPS, reply=flaky)) as ex:
+        assert run_batch(ex, src, out, progress=False).failed == 2
+    fake = FakeProvider(caps=CAPS)
+    with executor(fake=fake) as ex:
+        plain = run_batch(ex, src, out, progress=False)
+        assert plain.done == 0 and not fake.prompts  # without the flag, an error line counts as done
+        again = run_batch(ex, src, out, progress=False, retry_failed=True)
+    assert again.skipped_already_done == 4 and again.succeeded == 2 and sorted(fake.prompts) == ["p1", "p4"]
+    lines = read_output(out)
+    assert sorted(line["id"] for line in lines) == list(range(6)) and all(line["ok"] for line in lines)
