@@ -288,6 +288,12 @@ class LaneLimiter:
             log.warning("%s: token settlement of %+d not recorded: %s", self.name, delta, exc,
                         extra={"provider": self.name})
 
+    def tpm_used(self) -> int | None:
+        """Tokens counted in the lane's TPM window now (None without a TPM limit)."""
+        if self.cfg.tpm is None:
+            return None
+        return self._run(lambda b: b.tpm_used())
+
     # -- global in-flight slots ----------------------------------------------------------------
     def acquire_slot(self, stopping: threading.Event,
                      deadline_monotonic: float | None = None) -> ReleaseSlot | None:
@@ -335,6 +341,12 @@ class LaneLimiter:
             except BackendLostError:
                 pass  # the lease expires on its own within the TTL
         return release
+
+    def slots_held(self) -> int | None:
+        """Global in-flight slots held now by every process (None without a global cap)."""
+        if self.cfg.global_max_parallel is None:
+            return None
+        return self._run(lambda b: b.slots_held())
 
     def _wait_slot(self, attempt: Callable[[], float], stopping: threading.Event,
                    deadline_monotonic: float | None) -> None:

@@ -66,7 +66,13 @@ def build_rates(cfg: ProviderConfig, margin_ms: int = WINDOW_MARGIN_MS) -> list[
         else:
             rates.append(Rate(1, math.ceil(1000 / cfg.qps) + margin_ms))
     if cfg.rpm is not None:
-        rates.append(Rate(cfg.rpm, 60_000 + margin_ms))
+        rpm = Rate(cfg.rpm, 60_000 + margin_ms)
+        # pyrate-limiter accepts only rate lists whose limits grow and whose density falls
+        # (issue #239 there); a rate the other already implies is dropped, not rejected.
+        if rates and cfg.rpm <= rates[0].limit:
+            rates = [rpm]
+        elif not rates or cfg.rpm / rpm.interval < rates[0].limit / rates[0].interval:
+            rates.append(rpm)
     return sorted(rates, key=lambda r: r.interval)
 
 
@@ -132,6 +138,12 @@ class Backend(Protocol):
 
     def adjust_tokens(self, delta: int) -> None:
         """Debit (``delta`` > 0) or refund (< 0) the TPM window."""
+
+    def tpm_used(self) -> int:
+        """Tokens counted in the TPM window now."""
+
+    def slots_held(self) -> int:
+        """Unexpired in-flight slots held now, by every process."""
 
     def try_acquire_slot(self, holder: str, cap: int, ttl_ms: int) -> bool:
         """Take an in-flight slot leased to ``holder`` for ``ttl_ms``; False when all are held."""
@@ -269,6 +281,10 @@ class MemoryBackend:
                 return False
             self._slots.add(holder)
             return True
+
+    def slots_held(self) -> int:
+        with self._lock:
+            return len(self._slots)
 
     def renew_slots(self, holders: Iterable[str], ttl_ms: int) -> set[str]:
         return set()  # a process's own memory cannot outlive it: nothing to lease
