@@ -124,6 +124,16 @@ if redis.call('PTTL', KEYS[1]) < 2 * ttl then redis.call('PEXPIRE', KEYS[1], 2 *
 return lost
 """
 
+# pyrate's script counts a window as [now - interval, now], with ``now`` stamped by the client.
+# Stamps of several processes reach Redis out of order (a process is preempted between its
+# stamp and its EVALSHA), so entries stamped a little after ours were not counted and 4
+# processes x 8 threads admitted 23 starts for QPS=20 in a few ms. Counting up to +inf
+# (as pyrate's SQLite query does) counts every entry that is already in.
+_PUT_ITEM_BOUNDED = "redis.call('ZCOUNT', bucket, window_start, now)"
+if _PUT_ITEM_BOUNDED not in LuaScript.PUT_ITEM:  # pragma: no cover - a pyrate-limiter upgrade changed it
+    raise ImportError("pyrate_limiter's RedisBucket script changed; review llm_executor.limits._redis")
+PUT_ITEM = LuaScript.PUT_ITEM.replace(_PUT_ITEM_BOUNDED, "redis.call('ZCOUNT', bucket, window_start, '+inf')")
+
 SLOT_COUNT = _CLOCK + """
 return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 """
@@ -168,7 +178,8 @@ class RedisBackend:
             self._client.ping()
             self._sync_clock()
             if rates:
-                self._bucket = RedisBucket.init(rates, self._client, lane_key + ":rate")
+                script_hash = self._client.script_load(PUT_ITEM)
+                self._bucket = RedisBucket(rates, self._client, lane_key + ":rate", script_hash)
                 self._gate = RequestGate(lane_key, self._bucket, self._now_ms, on_leak=self._on_leak)
 
         self._call(connect)
@@ -209,7 +220,7 @@ class RedisBackend:
                 return self._call(lambda: fn(self._gate))  # type: ignore[arg-type]
             except self._no_script:
                 # Redis restarted (or SCRIPT FLUSH): load pyrate's script again, once.
-                self._bucket.script_hash = self._call(lambda: self._client.script_load(LuaScript.PUT_ITEM))
+                self._bucket.script_hash = self._call(lambda: self._client.script_load(PUT_ITEM))
                 return self._call(lambda: fn(self._gate))  # type: ignore[arg-type]
 
     def try_acquire_request(self) -> float:
