@@ -75,8 +75,8 @@ def make_limiter(namespace: str) -> Iterator[MakeLimiter]:
     """Build limiters for lane "openai"; all are closed after the test."""
     made: list[LaneLimiter] = []
 
-    def make(url: str, *, name: str = "openai", lease_ttl_s: float = 30.0, backend_failure: str = "fail_closed",
-             **limits: object) -> LaneLimiter:
+    def make(url: str, *, name: str = "openai", lease_ttl_s: float = 30.0,
+             backend_failure: str = "fail_closed", **limits: object) -> LaneLimiter:
         pcfg = ProviderConfig(**limits)  # type: ignore[arg-type]
         ecfg = ExecutorConfig(providers={name: pcfg}, rate_backend=url, namespace=namespace,
                               backend_failure=backend_failure)  # type: ignore[arg-type]

@@ -89,7 +89,8 @@ def test_tpm_refund_reconciles_to_the_reported_usage(backend_url: str, make_limi
     assert limiter.tpm_used() == 600
     limiter.settle_tokens(600, 100)
     assert limiter.tpm_used() == 100
-    limiter.reserve_tokens(900, stopping, deadline_monotonic=time.monotonic() + 0.5)  # fits only after the refund
+    # 900 fits only after the refund
+    limiter.reserve_tokens(900, stopping, deadline_monotonic=time.monotonic() + 0.5)
     assert limiter.tpm_used() == 1000
     with pytest.raises(DeadlineExceededError, match="token budget"):
         limiter.reserve_tokens(1, stopping, deadline_monotonic=time.monotonic() + 5)
@@ -163,7 +164,8 @@ def test_slots_return_on_close(backend_url: str, make_limiter: MakeLimiter) -> N
         assert other.slots_held() == 0
 
 
-def test_lanes_are_keyed_by_namespace_provider_and_key_hash(shared_url: str, make_limiter: MakeLimiter) -> None:
+def test_lanes_are_keyed_by_namespace_provider_and_key_hash(shared_url: str,
+                                                            make_limiter: MakeLimiter) -> None:
     team_a = make_limiter(shared_url, qps=1, api_key="sk-team-a-SENTINEL")
     team_a_again = make_limiter(shared_url, qps=1, api_key="sk-team-a-SENTINEL")
     team_b = make_limiter(shared_url, qps=1, api_key="sk-team-b-SENTINEL")

@@ -32,7 +32,8 @@ def _max_in_any_window(stamps: list[float], window_s: float = 1.0) -> int:
     return best
 
 
-def _start(processes: list[multiprocessing.process.BaseProcess], ready: object, timeout_s: float = 30) -> None:
+def _start(processes: list[multiprocessing.process.BaseProcess], ready: object,
+           timeout_s: float = 30) -> None:
     for p in processes:
         p.start()
     for _ in processes:
