@@ -1,0 +1,89 @@
+"""Fixtures of the limits suite: one contract over memory, SQLite (a real file) and Redis (a real server).
+
+Redis tests read ``LLM_EXECUTOR_TEST_REDIS_URL`` (default ``redis://127.0.0.1:6379/15``), use a
+namespace of their own and delete its keys afterwards; they skip, saying why, only when no server
+answers (CI starts one, so there they run).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from llm_executor.config import ExecutorConfig, ProviderConfig
+from llm_executor.limits import LaneLimiter, make_lane_limiter
+
+REDIS_URL = os.environ.get("LLM_EXECUTOR_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def redis_client_or_skip() -> object:
+    try:
+        import redis
+    except ImportError:  # pragma: no cover - the dev extra installs it
+        pytest.skip("redis-py is not installed (pip install -e '.[dev]')")
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1.0)
+    try:
+        client.ping()
+    except (redis.exceptions.ConnectionError, OSError) as exc:
+        pytest.skip(f"no Redis answers at {REDIS_URL} ({type(exc).__name__}); start one with "
+                    "`redis-server --daemonize yes` or set LLM_EXECUTOR_TEST_REDIS_URL")
+    return client
+
+
+def delete_namespace(client: object, namespace: str) -> None:
+    keys = list(client.scan_iter(match=f"{namespace}:*"))  # type: ignore[attr-defined]
+    if keys:
+        client.delete(*keys)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"test-{uuid.uuid4().hex[:10]}"
+
+
+def _backend_url(kind: str, tmp_path: Path, namespace: str, request: pytest.FixtureRequest) -> str:
+    if kind == "memory":
+        return "memory"
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'limits.db'}"
+    client = redis_client_or_skip()
+    request.addfinalizer(lambda: delete_namespace(client, namespace))
+    return REDIS_URL
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def backend_url(request: pytest.FixtureRequest, tmp_path: Path, namespace: str) -> str:
+    """Every backend: the contract holds for each."""
+    return _backend_url(request.param, tmp_path, namespace, request)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def shared_url(request: pytest.FixtureRequest, tmp_path: Path, namespace: str) -> str:
+    """Backends shared between processes."""
+    return _backend_url(request.param, tmp_path, namespace, request)
+
+
+MakeLimiter = Callable[..., LaneLimiter]
+
+
+@pytest.fixture
+def make_limiter(namespace: str) -> Iterator[MakeLimiter]:
+    """Build limiters for lane "openai"; all are closed after the test."""
+    made: list[LaneLimiter] = []
+
+    def make(url: str, *, name: str = "openai", lease_ttl_s: float = 30.0,
+             backend_failure: str = "fail_closed", **limits: object) -> LaneLimiter:
+        pcfg = ProviderConfig(**limits)  # type: ignore[arg-type]
+        ecfg = ExecutorConfig(providers={name: pcfg}, rate_backend=url, namespace=namespace,
+                              backend_failure=backend_failure)  # type: ignore[arg-type]
+        limiter = make_lane_limiter(name, pcfg, ecfg, lease_ttl_s=lease_ttl_s)
+        made.append(limiter)
+        return limiter
+
+    yield make
+    for limiter in made:
+        limiter.close()

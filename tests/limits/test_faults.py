@@ -1,0 +1,153 @@
+"""A shared store that is unreachable at start, or lost mid-run (fail_closed and local)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from urllib.parse import urlsplit
+
+import pytest
+
+from llm_executor import limits
+from llm_executor.errors import ConfigError, ProviderUnavailableError
+
+from .conftest import REDIS_URL, MakeLimiter, redis_client_or_skip
+
+
+class TcpProxy:
+    """A loopback TCP forwarder to Redis that a test can cut and restore (a lost network)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = 0
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() thread; close() alone does not
+            except OSError:
+                pass
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            with self._lock:
+                self._conns += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+
+@pytest.fixture
+def proxied_redis_url(namespace: str) -> object:
+    client = redis_client_or_skip()
+    parts = urlsplit(REDIS_URL)
+    proxy = TcpProxy((parts.hostname or "127.0.0.1", parts.port or 6379))
+    proxy.start()
+    yield proxy, f"redis://127.0.0.1:{proxy.port}{parts.path}"
+    proxy.stop()
+    from .conftest import delete_namespace
+
+    delete_namespace(client, namespace)
+
+
+def test_unreachable_redis_at_start_is_a_config_error_with_the_password_masked(
+        make_limiter: MakeLimiter) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ConfigError) as info:
+        make_limiter(f"redis://user:hunter2-SENTINEL@127.0.0.1:{port}/0", qps=1)
+    message = str(info.value)
+    assert f"redis://user:***@127.0.0.1:{port}/0" in message and "unreachable" in message
+    assert "SENTINEL" not in message and "SENTINEL" not in repr(info.value)
+
+
+def test_sqlite_file_in_a_missing_directory_is_a_config_error(tmp_path: object,
+                                                               make_limiter: MakeLimiter) -> None:
+    with pytest.raises(ConfigError, match=r"LLM_EXECUTOR_RATE_BACKEND='sqlite:///.*unreachable"):
+        make_limiter(f"sqlite:///{tmp_path}/no/such/dir/limits.db", qps=1)
+
+
+def test_redis_lost_mid_run_fails_closed_then_recovers(proxied_redis_url: tuple[TcpProxy, str],
+                                                        make_limiter: MakeLimiter) -> None:
+    proxy, url = proxied_redis_url
+    limiter = make_limiter(url, qps=100, tpm=10_000, global_max_parallel=2)
+    stopping = threading.Event()
+    limiter.acquire(stopping)
+    proxy.stop()
+    for attempt in (lambda: limiter.acquire(stopping), lambda: limiter.reserve_tokens(10, stopping),
+                    lambda: limiter.acquire_slot(stopping)):
+        with pytest.raises(ProviderUnavailableError) as info:
+            attempt()
+        assert info.value.retryable is False and info.value.provider == "openai"
+        assert f"127.0.0.1:{proxy.port}" in str(info.value)
+    assert limiter.expected_wait_s() == 3600.0  # "auto" routing steers away
+    limiter.settle_tokens(10, 20)  # logged, never raised: the call itself succeeded
+    proxy.start()
+    limiter.acquire(stopping)  # fail_closed keeps asking the store: it answers again
+    assert not limiter.is_degraded
+
+
+def test_redis_lost_mid_run_falls_back_to_local_limits_and_recovers(
+        proxied_redis_url: tuple[TcpProxy, str], make_limiter: MakeLimiter,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(limits, "RECOVERY_CHECK_S", 0.2)
+    proxy, url = proxied_redis_url
+    limiter = make_limiter(url, backend_failure="local", qps=3, global_max_parallel=1)
+    stopping = threading.Event()
+    proxy.stop()
+    with caplog.at_level(logging.WARNING, logger="llm_executor.limits"):
+        assert [limiter.try_acquire() for _ in range(3)] == [0.0] * 3  # local limits, same rates
+        assert limiter.try_acquire() > 0.5
+        release = limiter.acquire_slot(stopping)
+        assert release is not None
+        release()
+    lost = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(lost) == 1 and lost[0].levelno == logging.WARNING
+    assert limiter.is_degraded
+    proxy.start()
+    time.sleep(0.25)
+    assert limiter.try_acquire() == 0.0  # the shared bucket is fresh for this namespace
+    assert not limiter.is_degraded
