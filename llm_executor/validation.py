@@ -11,14 +11,16 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Mapping
-from typing import Any
-
-import jsonschema
-from jsonschema.exceptions import SchemaError
-from jsonschema.protocols import Validator
+from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidRequestError, SchemaValidationError
 from .types import Capabilities, LLMRequest
+
+if TYPE_CHECKING:
+    from jsonschema.protocols import Validator
+
+# jsonschema is imported on first use: it doubles ``import llm_executor``'s time, and most
+# requests carry no schema.
 
 __all__ = ["check_capabilities", "normalize_schema", "parse_structured", "strip_code_fence"]
 
@@ -63,6 +65,9 @@ def _validator_for(schema: Mapping[str, Any]) -> Validator:
         cached = _validators.get(key)
     if cached is not None:
         return cached
+    import jsonschema
+    from jsonschema.exceptions import SchemaError
+
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     try:
         cls.check_schema(dict(schema))
@@ -129,8 +134,10 @@ def parse_structured(text: str, schema: Mapping[str, Any], *, provider: str | No
             f"output is not valid JSON ({exc.msg} at char {exc.pos}); text begins {head!r}",
             path="$", text_head=head, provider=provider, request_id=request_id,
         ) from None
+    from jsonschema.exceptions import best_match
+
     validator = _validator_for(schema)
-    error = jsonschema.exceptions.best_match(validator.iter_errors(data))
+    error = best_match(validator.iter_errors(data))
     if error is not None:
         path = _json_path(error.absolute_path)
         raise SchemaValidationError(

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FakeProvider
 
 from llm_executor import Capabilities, Executor, ExecutorConfig, LLMRequest, ProviderConfig
 from llm_executor.batch import BatchInterrupted, run_batch
 from llm_executor.errors import RateLimitedError
+from tests.fakes import FakeProvider
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -149,7 +149,7 @@ def test_a_partial_last_line_from_a_crash_is_cut_and_that_request_rerun(tmp_path
 _CRASHING_RUN = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
-from conftest import FakeProvider
+from tests.fakes import FakeProvider
 from llm_executor import Capabilities, Executor, ExecutorConfig, ProviderConfig
 from llm_executor.batch import run_batch
 calls = [0]

@@ -10,7 +10,6 @@ from concurrent.futures import CancelledError
 from typing import Any
 
 import pytest
-from conftest import FakeProvider, GateProvider, llm_threads, max_in_window, req
 
 from llm_executor import Capabilities, Executor, ExecutorConfig, LLMRequest, LLMResponse, ProviderConfig
 from llm_executor.errors import (
@@ -25,6 +24,7 @@ from llm_executor.errors import (
     SchemaValidationError,
     UnknownProviderError,
 )
+from tests.fakes import FakeProvider, GateProvider, llm_threads, max_in_window, req
 
 
 def cfg(**providers: ProviderConfig) -> Any:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import FakeProvider
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,6 +16,7 @@ from llm_executor.errors import (
     LLMExecutorError,
     SchemaValidationError,
 )
+from tests.fakes import FakeProvider
 
 anything = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-10**12, max_value=10**12),

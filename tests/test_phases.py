@@ -9,7 +9,6 @@ from concurrent.futures import Future
 from typing import Any
 
 import pytest
-from conftest import FakeProvider, GateProvider, req
 
 from llm_executor import Executor, ExecutorConfig, LLMRequest, ProviderConfig
 from llm_executor.errors import InvalidRequestError, ProviderUnavailableError
@@ -31,6 +30,7 @@ from llm_executor.phases import (
     match_tasks,
     normalize_name,
 )
+from tests.fakes import FakeProvider, GateProvider, req
 
 
 def cfg(queue_size: int = 100, **providers: ProviderConfig) -> ExecutorConfig:

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FakeProvider
 
 from llm_executor import Capabilities, Executor, ExecutorConfig, LLMRequest, ProviderConfig
 from llm_executor.errors import ProviderUnavailableError
 from llm_executor.pipeline import load_corpus, run_pipeline
+from tests.fakes import FakeProvider
 
 _PHRASE = re.compile(r"\b[A-Z][a-z]+(?:\s+[A-Z][a-z]+)*")
 

@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 import pytest
 import requests
 import responses
-from provider_fixtures import OLLAMA_OK, OLLAMA_URL, OPENAI_OK, OPENAI_URL
 
 from llm_executor.config import ProviderConfig
 from llm_executor.errors import InvalidRequestError, ProviderError, ProviderUnavailableError
@@ -21,6 +20,7 @@ from llm_executor.providers.base import (
 from llm_executor.providers.ollama import OllamaProvider
 from llm_executor.providers.openai import OpenAIProvider
 from llm_executor.types import LLMRequest
+from tests.providers.provider_fixtures import OLLAMA_OK, OLLAMA_URL, OPENAI_OK, OPENAI_URL
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 

@@ -7,17 +7,6 @@ from typing import Any
 
 import pytest
 import responses
-from provider_fixtures import (
-    GEMINI_400_BADKEY,
-    GEMINI_429,
-    GEMINI_429_DAILY,
-    GEMINI_429_HEADERS,
-    GEMINI_BLOCKED_200,
-    GEMINI_KEY,
-    GEMINI_OK,
-    GEMINI_URL,
-    sent_json,
-)
 
 from llm_executor.config import ProviderConfig
 from llm_executor.errors import (
@@ -29,6 +18,17 @@ from llm_executor.errors import (
 )
 from llm_executor.providers.gemini import GeminiProvider
 from llm_executor.types import LLMRequest
+from tests.providers.provider_fixtures import (
+    GEMINI_400_BADKEY,
+    GEMINI_429,
+    GEMINI_429_DAILY,
+    GEMINI_429_HEADERS,
+    GEMINI_BLOCKED_200,
+    GEMINI_KEY,
+    GEMINI_OK,
+    GEMINI_URL,
+    sent_json,
+)
 
 
 def req(**kw: Any) -> LLMRequest:

@@ -7,7 +7,12 @@ from typing import Any
 
 import pytest
 import responses
-from provider_fixtures import (
+
+from llm_executor.config import ExecutorConfig, ProviderConfig
+from llm_executor.errors import ConfigError, ProviderError, ProviderUnavailableError, RateLimitedError
+from llm_executor.providers.ollama import OllamaProvider, parse_ollama_host
+from llm_executor.types import LLMRequest
+from tests.providers.provider_fixtures import (
     OLLAMA_404,
     OLLAMA_429,
     OLLAMA_503,
@@ -16,11 +21,6 @@ from provider_fixtures import (
     OLLAMA_URL,
     sent_json,
 )
-
-from llm_executor.config import ExecutorConfig, ProviderConfig
-from llm_executor.errors import ConfigError, ProviderError, ProviderUnavailableError, RateLimitedError
-from llm_executor.providers.ollama import OllamaProvider, parse_ollama_host
-from llm_executor.types import LLMRequest
 
 
 def req(**kw: Any) -> LLMRequest:

@@ -7,7 +7,12 @@ from typing import Any
 
 import pytest
 import responses
-from provider_fixtures import (
+
+from llm_executor.config import ProviderConfig
+from llm_executor.errors import ProviderError, ProviderUnavailableError, RateLimitedError
+from llm_executor.providers.openai import OpenAIProvider, is_strict_schema, join_url
+from llm_executor.types import LLMRequest
+from tests.providers.provider_fixtures import (
     OPENAI_400,
     OPENAI_429,
     OPENAI_429_HEADERS,
@@ -16,11 +21,6 @@ from provider_fixtures import (
     OPENAI_URL,
     sent_json,
 )
-
-from llm_executor.config import ProviderConfig
-from llm_executor.errors import ProviderError, ProviderUnavailableError, RateLimitedError
-from llm_executor.providers.openai import OpenAIProvider, is_strict_schema, join_url
-from llm_executor.types import LLMRequest
 
 STRICT = {"type": "object", "additionalProperties": False, "required": ["answer", "tags"],
           "properties": {"answer": {"type": "integer"},

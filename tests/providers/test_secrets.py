@@ -15,7 +15,15 @@ from typing import Any
 import pytest
 import requests
 import responses
-from provider_fixtures import (
+
+from llm_executor.config import ProviderConfig
+from llm_executor.errors import LLMExecutorError
+from llm_executor.providers.base import HTTPProvider
+from llm_executor.providers.gemini import GeminiProvider
+from llm_executor.providers.ollama import OllamaProvider
+from llm_executor.providers.openai import OpenAIProvider
+from llm_executor.types import LLMRequest
+from tests.providers.provider_fixtures import (
     GEMINI_400_BADKEY,
     GEMINI_429,
     GEMINI_429_DAILY,
@@ -31,14 +39,6 @@ from provider_fixtures import (
     OPENAI_QUOTA_429,
     OPENAI_URL,
 )
-
-from llm_executor.config import ProviderConfig
-from llm_executor.errors import LLMExecutorError
-from llm_executor.providers.base import HTTPProvider
-from llm_executor.providers.gemini import GeminiProvider
-from llm_executor.providers.ollama import OllamaProvider
-from llm_executor.providers.openai import OpenAIProvider
-from llm_executor.types import LLMRequest
 
 SENTINEL = "SENTINEL"
 
