@@ -1,8 +1,13 @@
 """The ``llm-executor`` command: a thin shell over the public API.
 
+Subcommands: ``demo`` (the example pipeline on the built-in emulator), ``run`` (a resumable
+JSONL batch), ``check`` (does each configured provider answer?), ``emulate`` (serve the
+emulator for other tools), ``config`` (the resolved configuration, keys masked).
+
 Only this module prints. ``main(argv)`` returns the exit status: 0 ok, 1 a request or a check
-failed, 2 usage or configuration error (one stderr line: ``llm-executor: error: ...``).
-Imports: the public API of ``llm_executor`` only.
+failed, 2 usage or configuration error (one stderr line: ``llm-executor: error: ...``),
+130 interrupted.
+Imports: the public API of ``llm_executor`` and the top-layer modules (demo, batch, testing).
 """
 
 from __future__ import annotations
@@ -13,10 +18,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import ExecutorConfig, __version__
+from . import Executor, ExecutorConfig, __version__
 from .errors import ConfigError, LLMExecutorError
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
+
+
+def _err(message: str) -> None:
+    print(f"llm-executor: error: {message}", file=sys.stderr)
 
 
 def _print_config(cfg: ExecutorConfig, as_json: bool) -> None:
@@ -39,6 +48,94 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _names(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [n.strip() for n in value.split(",") if n.strip()]
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    try:
+        report = run_demo(providers=_names(args.providers), docs=args.docs, fault_rate=args.fault_rate,
+                          seed=args.seed, max_docs=args.max_docs, progress=not args.json)
+    except (ValueError, FileNotFoundError) as exc:
+        _err(str(exc))
+        return 2
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2, default=str))
+        return 0 if report.ok else 1
+    p = report.pipeline
+    print(f"\nllm-executor demo: {p.documents} documents, {len(p.chunks)} chunks, {p.tasks} LLM tasks "
+          f"through {len(report.rows)} providers on the built-in emulator in {report.elapsed_s:.1f}s\n")
+    print(report.format_table())
+    print("  in flight / 1s window: observed by the executor (and by the emulator) / configured limit")
+    for note in report.notes:
+        print(f"  {note}")
+    print(f"\ndeduplicated entities ({len(p.entities)}):\n")
+    print(p.format_table(limit=args.limit))
+    failed = p.failed
+    print(f"\ntasks: {p.tasks} resolved, {p.tasks - failed} ok, {failed} failed"
+          + (f" ({p.extraction.error_counts() | p.matching.error_counts()})" if failed else ""))
+    print(f"limits: {'every limit held' if report.limits_held else 'A LIMIT WAS EXCEEDED'}; "
+          f"exit status {0 if report.ok else 1}")
+    return 0 if report.ok else 1
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .batch import BatchInterrupted, run_batch
+
+    cfg = ExecutorConfig.from_env()
+    with Executor(cfg) as ex:
+        try:
+            summary = run_batch(ex, args.input, args.output, progress=not args.quiet,
+                                retry_failed=args.retry_failed)
+        except BatchInterrupted as exc:
+            print(exc.summary.format_table())
+            print("interrupted: run the same command again to resume", file=sys.stderr)
+            return 130
+        except FileNotFoundError as exc:
+            _err(str(exc))
+            return 2
+    print(summary.format_table())
+    return 1 if summary.failed or summary.bad_lines else 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    cfg = ExecutorConfig.from_env()
+    _print_config(cfg, as_json=False)
+    print()
+    with Executor(cfg) as ex:
+        results = ex.check_providers(timeout=args.timeout)
+    width = max((len(n) for n in results), default=0)
+    for name, (ok, detail) in results.items():
+        print(f"{name:<{width}}  {'OK  ' if ok else 'FAIL'}  {detail}")
+    return 0 if all(ok for ok, _ in results.values()) else 1
+
+
+def _cmd_emulate(args: argparse.Namespace) -> int:
+    from .testing import ProviderSim, serve
+
+    sim = ProviderSim(max_concurrency=args.max_concurrency, rps=args.rps, latency_s=args.latency,
+                      fault_rate=args.fault_rate)
+    providers = {name: sim for name in (_names(args.providers) or ["openai", "gemini", "ollama"])}
+
+    def ready(emu: Any) -> None:
+        print(f"llm-executor emulate: listening on {emu.base_url} (Ctrl-C to stop)")
+        for name in providers:
+            print(f"  {name:<7} base URL {emu.url(name)}")
+        print("  e.g. LLM_EXECUTOR_OPENAI_BASE_URL=" + emu.url("openai") if "openai" in providers else "")
+        sys.stdout.flush()
+
+    try:
+        serve(host=args.host, port=args.port, providers=providers, seed=args.seed, on_ready=ready)
+    except OSError as exc:
+        _err(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llm-executor",
@@ -46,6 +143,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"llm-executor {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run the example pipeline on the built-in emulator (no API key)")
+    p.add_argument("--providers", help="comma list of openai,gemini,ollama (default: all three)")
+    p.add_argument("--docs", metavar="DIR", help="a directory of *.txt documents (default: bundled corpus)")
+    p.add_argument("--fault-rate", type=float, default=0.05, metavar="P",
+                   help="share of requests the emulator answers with a fault (default 0.05)")
+    p.add_argument("--seed", type=int, default=0, help="fault RNG seed (default 0)")
+    p.add_argument("--max-docs", type=int, default=None, metavar="N", help="use only the first N documents")
+    p.add_argument("--limit", type=int, default=30, help="entities shown (default 30)")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary instead")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("run", help="run a JSONL batch of requests, resumable")
+    p.add_argument("input", metavar="INPUT.jsonl")
+    p.add_argument("-o", "--output", required=True, metavar="OUTPUT.jsonl")
+    p.add_argument("--retry-failed", action="store_true", help="run again the requests that failed before")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("check", help="print the configuration and whether each provider answers")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per provider (default 10)")
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("emulate", help="serve the provider emulator for other tools")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--providers", help="comma list (default: openai,gemini,ollama)")
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--rps", type=float, default=None)
+    p.add_argument("--latency", type=float, default=0.0, help="seconds per reply")
+    p.add_argument("--fault-rate", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_emulate)
 
     p = sub.add_parser("config", help="print the resolved configuration (keys masked)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -64,10 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(func(args))
     except ConfigError as exc:
-        print(f"llm-executor: error: {exc}", file=sys.stderr)
+        _err(str(exc))
         return 2
     except LLMExecutorError as exc:
-        print(f"llm-executor: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        _err(f"{type(exc).__name__}: {exc}")
         return 1
     except KeyboardInterrupt:
         print("llm-executor: interrupted", file=sys.stderr)

@@ -55,6 +55,8 @@ class ProviderConfig:
     Attributes:
         max_parallel: requests in flight at once from this executor (per process).
         qps: requests started per second (any sliding 1 s window); None = no limit.
+        burst: requests that may start at the same instant under ``qps``; None = about QPS/20
+            (paced); ``burst >= qps`` allows the whole second's budget at once.
         rpm: requests started per minute; None = no limit.
         tpm: tokens per minute (estimated before the call, reconciled after); None = no limit.
         timeout: per-attempt HTTP read timeout, seconds.
@@ -75,6 +77,7 @@ class ProviderConfig:
 
     max_parallel: int = 4
     qps: float | None = None
+    burst: int | None = None
     rpm: int | None = None
     tpm: int | None = None
     timeout: float = 60.0
@@ -96,6 +99,8 @@ class ProviderConfig:
                self.max_parallel)
         _check(self.qps is None or (_is_num(self.qps) and self.qps > 0), "qps",
                "a positive number of requests per second or None", self.qps)
+        _check(self.burst is None or (_is_int(self.burst) and self.burst >= 1), "burst", "an integer >= 1 or None",
+               self.burst)
         _check(self.rpm is None or (_is_int(self.rpm) and self.rpm >= 1), "rpm", "an integer >= 1 or None",
                self.rpm)
         _check(self.tpm is None or (_is_int(self.tpm) and self.tpm >= 1), "tpm", "an integer >= 1 or None",
@@ -343,6 +348,7 @@ class _EnvReader:
         pairs: list[tuple[str, Any]] = [
             ("max_parallel", self.int_(p + "MAX_PARALLEL", 1)),
             ("qps", self.float_(p + "QPS", "a positive number (requests per second)")),
+            ("burst", self.int_(p + "BURST", 1)),
             ("rpm", self.int_(p + "RPM", 1)),
             ("tpm", self.int_(p + "TPM", 1)),
             ("timeout", self.float_(p + "TIMEOUT", "a positive number of seconds")),

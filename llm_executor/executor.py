@@ -381,6 +381,29 @@ class Executor:
         """The cached capabilities of ``provider``'s adapter."""
         return self._lane(provider).caps
 
+    def check_providers(self, timeout: float = 10.0) -> dict[str, tuple[bool, str]]:
+        """Ask every lane's provider whether it answers (for ``llm-executor check``).
+
+        Uses the adapter's ``health_check()`` (a models or version call) where it has one, else
+        one tiny request through the lane (limits apply).
+
+        Returns:
+            {provider: (answered, description or error message)}.
+        """
+        out: dict[str, tuple[bool, str]] = {}
+        for name, lane in self._lanes.items():
+            probe = getattr(lane.provider, "health_check", None)
+            try:
+                if callable(probe):
+                    out[name] = (True, str(probe()))
+                else:
+                    r = self.run(LLMRequest(name, lane.pcfg.model or "", "Reply with OK.", max_output_tokens=5,
+                                            timeout=timeout), timeout=timeout)
+                    out[name] = (True, f"answered with model {r.model!r} in {r.latency_ms:.0f} ms")
+            except Exception as exc:  # reported, not raised: a check lists every provider
+                out[name] = (False, f"{type(exc).__name__}: {exc}")
+        return out
+
     def submit(self, request: LLMRequest) -> Future[LLMResponse]:
         """Accept ``request`` and return its Future at once.
 
@@ -646,6 +669,7 @@ class Executor:
                         if not lane.pending:
                             lane.workers -= 1
                             return
+                    gate_error: LLMExecutorError | None = None
                     try:
                         self._wait_ready(lane, None)
                     except ExecutorShutdownError:
@@ -653,9 +677,18 @@ class Executor:
                         with lane.lock:
                             lane.workers -= 1
                         return
+                    except LLMExecutorError as exc:
+                        # The limiter itself failed (a shared backend lost with fail_closed): the
+                        # request this token was for fails with that error, the lane keeps going.
+                        gate_error = exc
                     with lane.lock:
                         item = lane.pop_locked()
                     if item is None:
+                        continue
+                    if gate_error is not None:
+                        if item.started or item.future.set_running_or_notify_cancel():
+                            self._settle_error(item, gate_error, 0.0, item.attempts_before)
+                        item = None
                         continue
                 else:
                     # No rate limit, no pause: take the next request or leave, in one lock hold.
@@ -758,6 +791,9 @@ class Executor:
                         state.attempt_number = attempts
                     wait_s = lane.retry.next_wait(state, exc)
                     if wait_s is None:
+                        if self._stopping.is_set():
+                            # Retries were cut by a cancelling shutdown, not exhausted.
+                            raise ExecutorShutdownError("executor shut down before a retry") from exc
                         raise
                     if exc.retry_after_s is not None and exc.status == 429:
                         lane.pause(wait_s)

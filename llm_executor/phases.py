@@ -638,8 +638,10 @@ class Mention:
 
 
 def _extract_request(task: ExtractTask, provider: str, model: str) -> LLMRequest:
-    prompt = (f"{task.chunk.text}\n\n---\nentity type to extract: {task.entity_type}\n"
-              f"answer with JSON valid against the schema.")
+    # Instruction first, then the text after a "Text:" line: models follow it well, and the
+    # emulator's responder reads the requested type from the instruction part only.
+    prompt = (f"Entity type to extract: {task.entity_type}\n"
+              f"Answer with JSON valid against the schema.\n\nText:\n{task.chunk.text}")
     return LLMRequest(provider=provider, model=model, prompt=prompt, system=_EXTRACT_SYSTEM,
                       json_schema=ENTITY_SCHEMA, temperature=0.0,
                       metadata={"phase": "extract", "chunk_id": task.chunk.chunk_id})

@@ -18,7 +18,7 @@ from .conftest import MakeLimiter
 
 
 def test_qps_tokens_are_free_up_to_the_limit_then_wait(backend_url: str, make_limiter: MakeLimiter) -> None:
-    limiter = make_limiter(backend_url, qps=5)
+    limiter = make_limiter(backend_url, qps=5, burst=5)
     assert limiter.is_limited
     assert [limiter.try_acquire() for _ in range(5)] == [0.0] * 5
     wait_s = limiter.try_acquire()
@@ -26,15 +26,21 @@ def test_qps_tokens_are_free_up_to_the_limit_then_wait(backend_url: str, make_li
     assert 0.9 < limiter.expected_wait_s() <= 1.02
 
 
+def test_qps_is_paced_by_default(backend_url: str, make_limiter: MakeLimiter) -> None:
+    limiter = make_limiter(backend_url, qps=5)
+    assert limiter.try_acquire() == 0.0
+    assert 0.15 < limiter.try_acquire() <= 0.21  # one start per 1/QPS (+ margin), not 5 at once
+
+
 def test_expected_wait_takes_no_token(backend_url: str, make_limiter: MakeLimiter) -> None:
-    limiter = make_limiter(backend_url, qps=2)
+    limiter = make_limiter(backend_url, qps=2, burst=2)
     for _ in range(5):
         assert limiter.expected_wait_s() == 0.0
     assert [limiter.try_acquire() for _ in range(2)] == [0.0, 0.0]
 
 
 def test_rpm_is_enforced_with_qps(backend_url: str, make_limiter: MakeLimiter) -> None:
-    limiter = make_limiter(backend_url, qps=10, rpm=3)
+    limiter = make_limiter(backend_url, qps=10, burst=10, rpm=3)
     assert [limiter.try_acquire() for _ in range(3)] == [0.0] * 3
     assert limiter.try_acquire() > 59
 
@@ -178,7 +184,8 @@ def test_lanes_are_keyed_by_namespace_provider_and_key_hash(shared_url: str,
 
 def test_two_limiters_on_one_shared_backend_share_the_budget(shared_url: str,
                                                              make_limiter: MakeLimiter) -> None:
-    one, two = make_limiter(shared_url, qps=4, tpm=100), make_limiter(shared_url, qps=4, tpm=100)
+    one, two = (make_limiter(shared_url, qps=4, burst=4, tpm=100),
+                make_limiter(shared_url, qps=4, burst=4, tpm=100))
     assert [one.try_acquire(), two.try_acquire(), one.try_acquire(), two.try_acquire()] == [0.0] * 4
     assert one.try_acquire() > 0.5 and two.try_acquire() > 0.5
     one.reserve_tokens(70, threading.Event())

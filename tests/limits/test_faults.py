@@ -135,7 +135,7 @@ def test_redis_lost_mid_run_falls_back_to_local_limits_and_recovers(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(limits, "RECOVERY_CHECK_S", 0.2)
     proxy, url = proxied_redis_url
-    limiter = make_limiter(url, backend_failure="local", qps=3, global_max_parallel=1)
+    limiter = make_limiter(url, backend_failure="local", qps=3, burst=3, global_max_parallel=1)
     stopping = threading.Event()
     proxy.stop()
     with caplog.at_level(logging.WARNING, logger="llm_executor.limits"):
