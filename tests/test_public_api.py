@@ -71,8 +71,9 @@ def _internal_imports(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
     found = set()
     for node in ast.walk(tree):
-        top_level = node.level == 1 and path.parent == PKG
-        if isinstance(node, ast.ImportFrom) and (top_level or node.level == 2):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if (node.level == 1 and path.parent == PKG) or node.level == 2:
             found.add((node.module or "").split(".")[0])
         elif isinstance(node, ast.ImportFrom) and node.level == 1:
             found.add(path.parent.name)
