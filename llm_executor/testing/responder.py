@@ -87,11 +87,12 @@ STOP_WORDS: frozenset[str] = _word_set(
 ORG_WORDS: frozenset[str] = _word_set(
     """inc corp corporation ltd llc gmbh co company university institute bank foundation group
     agency council ministry society labs laboratory association committee museum hospital school
-    college bureau department press times airlines systems technologies partners"""
+    college bureau department press times airlines systems technologies partners robotics shipping
+    industries holdings motors energy logistics works"""
 )
 LOCATION_WORDS: frozenset[str] = _word_set(
     """city river lake mountain mountains street avenue valley county island islands bay park ocean
-    sea desert province state republic kingdom"""
+    sea desert province state republic kingdom port harbour harbor"""
 )
 _CONNECTORS = frozenset({"of", "de", "du", "da", "di", "del", "van", "von", "der", "la", "le"})
 _TITLES = frozenset({"Dr", "Mr", "Mrs", "Ms", "St", "Prof"})
