@@ -33,6 +33,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
@@ -47,6 +48,7 @@ from .errors import (
     InvalidRequestError,
     LLMExecutorError,
     ProviderError,
+    ProviderUnavailableError,
     QueueFullError,
     SchemaValidationError,
     UnknownProviderError,
@@ -63,6 +65,17 @@ __all__ = ["Executor", "ExecutorStats", "ProviderStats"]
 log = logging.getLogger("llm_executor")
 
 _QUEUED, _TAKEN, _REMOVED = 0, 1, 2
+# Guards _Item.settled: whoever claims an item first settles its Future and its metrics, so
+# stats() already counts a result when the caller's result() returns.
+_SETTLE_LOCK = threading.Lock()
+
+
+def _claim(item: _Item) -> bool:
+    with _SETTLE_LOCK:
+        if item.settled:
+            return False
+        item.settled = True
+        return True
 _REPAIR_PROMPT = (
     "{prompt}\n\nYour previous answer was not valid: {error}\n"
     "Answer again with JSON only, valid against the JSON schema."
@@ -73,8 +86,8 @@ class _Item:
     """One accepted request on its way through a lane (slots: ~200 bytes per queued request)."""
 
     __slots__ = (
-        "attempts_before", "auto", "deadline", "future", "key", "lane", "queue_len", "request", "schema",
-        "seq", "started", "state", "submit_s", "tried",
+        "__weakref__", "attempts_before", "auto", "deadline", "future", "key", "lane", "queue_len", "request",
+        "schema", "seq", "settled", "started", "state", "submit_s", "tried",
     )
 
     def __init__(self, request: LLMRequest, future: _LLMFuture, lane: _Lane, schema: dict[str, Any] | None,
@@ -92,6 +105,7 @@ class _Item:
         self.started = False
         self.attempts_before = 0
         self.auto = False
+        self.settled = False  # claimed by exactly one settler, under _SETTLE_LOCK
         self.tried: tuple[str, ...] = ()
 
 
@@ -111,9 +125,13 @@ class _LLMFuture(Future[LLMResponse]):
 
     def cancel(self) -> bool:
         cancelled = super().cancel()
-        item = self._llm_item
-        if cancelled and item is not None:
-            item.lane.on_cancelled(item)
+        if cancelled:
+            # Future.cancel() also returns True for an already cancelled Future: count and free
+            # the slot once (review: run() after a cancelling shutdown counted it twice).
+            with self._condition:
+                item, self._llm_item = self._llm_item, None
+            if item is not None:
+                item.lane.on_cancelled(item)
         return cancelled
 
 
@@ -130,6 +148,8 @@ class _Lane:
         self.aging_s = ecfg.priority_aging_s
         self.caps: Capabilities = provider.capabilities()
         self.limiter = _limits.make_lane_limiter(name, pcfg, ecfg)
+        # With a global slot or a TPM budget to wait for, the rate token is taken last.
+        self.token_last = bool(pcfg.global_max_parallel or pcfg.tpm)
         self.metrics = LaneMetrics(name, pcfg.max_parallel, pcfg.qps)
         self.retry = RetryPolicy(pcfg, stopping, sleep)
         self.pool = ThreadPoolExecutor(max_workers=pcfg.max_parallel, thread_name_prefix=f"llm-executor-{name}")
@@ -267,28 +287,32 @@ class _DeadlineReaper:
         self._fail = fail
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._heap: list[tuple[float, int, _Item]] = []
+        # Weak references: a request resolved long before its deadline must not be kept alive
+        # (with its response) by this heap; dead entries are skipped and compacted away.
+        self._heap: list[tuple[float, int, weakref.ref[_Item]]] = []
         self._seq = itertools.count()
         self._stopped = False
         self._thread: threading.Thread | None = None
+        self._compact_at = 1024
 
-    def add(self, item: _Item) -> None:
-        assert item.deadline is not None
+    def add(self, item: _Item, deadline: float | None = None) -> None:
+        when = item.deadline if deadline is None else deadline
+        assert when is not None
         with self._cond:
             if self._stopped:
                 return
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="llm-executor-deadlines", daemon=True)
                 self._thread.start()
-            entry = (item.deadline, next(self._seq), item)
+            entry = (when, next(self._seq), weakref.ref(item))
             heapq.heappush(self._heap, entry)
             if self._heap[0] is entry:
                 self._cond.notify()
-            elif len(self._heap) > 4096:
-                # Settled requests stay here until their deadline; drop them in bulk so a long
-                # run with generous timeouts keeps no per-request state after resolution.
-                self._heap = [e for e in self._heap if not e[2].future.done()]
+            elif len(self._heap) > self._compact_at:
+                # Amortised: compact only when the heap doubled since the last compaction.
+                self._heap = [e for e in self._heap if (it := e[2]()) is not None and not it.settled]
                 heapq.heapify(self._heap)
+                self._compact_at = max(1024, 2 * len(self._heap))
 
     def _run(self) -> None:
         while True:
@@ -304,9 +328,12 @@ class _DeadlineReaper:
                     self._cond.wait(min(wait_s, 3600.0))
                 if self._stopped:
                     return
-                _, _, item = heapq.heappop(self._heap)
-            if not item.future.done():
-                self._fail(item)
+                item = heapq.heappop(self._heap)[2]()
+            if item is not None and not item.settled:
+                try:
+                    self._fail(item)
+                except Exception:  # pragma: no cover - never let one request stop every deadline
+                    log.exception("deadline handling failed for request %s", item.request.request_id)
 
     def stop(self) -> None:
         with self._cond:
@@ -458,12 +485,23 @@ class Executor:
                         exhausted = True
                         break
                     remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                    pending.append(self._submit(request, block=True, block_timeout=remaining))
+                    try:
+                        pending.append(self._submit(request, block=True, block_timeout=remaining))
+                    except QueueFullError as exc:
+                        if deadline is None:  # pragma: no cover - blocking without timeout never raises it
+                            raise
+                        raise TimeoutError(f"map() timeout passed while waiting for room: {exc}") from exc
                 if not pending:
                     return
                 future = pending.popleft()
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                yield future.result(remaining)
+                try:
+                    response = future.result(remaining)
+                except BaseException:
+                    # Popped already: the finally below would not cancel it (cf. CPython gh-95166).
+                    future.cancel()
+                    raise
+                yield response
         finally:
             for future in pending:
                 future.cancel()
@@ -632,10 +670,14 @@ class Executor:
                 raise ExecutorShutdownError("submit() after shutdown()")
             future._llm_item = item
             spawn = lane.push_locked(item, next(self._seq))
-        if deadline is not None:
-            self._reaper.add(item)
-        if spawn:
-            self._start_worker(lane)
+        try:
+            if deadline is not None:
+                self._reaper.add(item)
+        finally:
+            # Even if Ctrl-C lands here: push_locked counted a worker, so one must be started,
+            # or the lane would wait forever for a worker that does not exist.
+            if spawn:
+                self._start_worker(lane)
         return future
 
     def _start_worker(self, lane: _Lane) -> None:
@@ -646,41 +688,53 @@ class Executor:
             # queue, so fail what is left rather than strand it.
             with lane.lock:
                 lane.workers -= 1
-            self._drain_failed(lane, ExecutorShutdownError("executor shut down"))
+            self._drain_failed(lane)
+        except BaseException:
+            with lane.lock:
+                lane.workers -= 1
+            raise
 
-    def _drain_failed(self, lane: _Lane, error: LLMExecutorError) -> None:
+    def _drain_failed(self, lane: _Lane) -> None:
         while True:
             with lane.lock:
                 item = lane.pop_locked()
             if item is None:
                 return
             if item.started or item.future.set_running_or_notify_cancel():
-                self._settle_error(item, error, 0.0, 0)
+                self._settle_error(item, ExecutorShutdownError("executor shut down before the request started"),
+                                   0.0, item.attempts_before)
 
     # -- workers -----------------------------------------------------------------------------
 
     def _worker_loop(self, lane: _Lane) -> None:
-        item: _Item | None = None
-        try:
-            gated = lane.limiter.is_limited
-            while True:
-                if gated or lane.paused_until:
+        # token_first: take the rate token before choosing the request, so the best request at
+        # that moment goes. Not when the lane also waits for a global slot or TPM budget: a token
+        # held through those waits would be spent late, bunching starts (review finding 4); the
+        # token is then taken last, in _attempt.
+        token_first = lane.limiter.is_limited and not lane.token_last
+        first_token_ready = token_first or not lane.limiter.is_limited
+        while True:
+            item: _Item | None = None
+            try:
+                if token_first or lane.paused_until:
                     with lane.lock:
                         if not lane.pending:
                             lane.workers -= 1
                             return
-                    gate_error: LLMExecutorError | None = None
+                    gate_error: BaseException | None = None
                     try:
-                        self._wait_ready(lane, None)
+                        self._wait_ready(lane, None, take_token=token_first)
                     except ExecutorShutdownError:
                         # Cancelling shutdown: it cancels the queue itself; leave now.
                         with lane.lock:
                             lane.workers -= 1
                         return
-                    except LLMExecutorError as exc:
-                        # The limiter itself failed (a shared backend lost with fail_closed): the
-                        # request this token was for fails with that error, the lane keeps going.
-                        gate_error = exc
+                    except Exception as exc:
+                        # The limiter itself failed (e.g. a shared backend lost with fail_closed): the
+                        # request this token was for fails with that error; the lane keeps going.
+                        gate_error = exc if isinstance(exc, LLMExecutorError) else ProviderUnavailableError(
+                            f"{lane.name} rate limiter failed: {type(exc).__name__}: {exc}",
+                            provider=lane.name, retryable=False)
                     with lane.lock:
                         item = lane.pop_locked()
                     if item is None:
@@ -688,7 +742,6 @@ class Executor:
                     if gate_error is not None:
                         if item.started or item.future.set_running_or_notify_cancel():
                             self._settle_error(item, gate_error, 0.0, item.attempts_before)
-                        item = None
                         continue
                 else:
                     # No rate limit, no pause: take the next request or leave, in one lock hold.
@@ -697,26 +750,16 @@ class Executor:
                         if item is None:
                             lane.workers -= 1
                             return
-                if item.started:
-                    # A fallback from another lane: its Future is already running.
-                    self._execute(lane, item, token_taken=True)
-                elif item.future.set_running_or_notify_cancel():
-                    self._execute(lane, item, token_taken=True)
-                item = None
-        except BaseException as exc:  # pragma: no cover - a bug in the loop itself
-            log.exception("lane %s worker crashed", lane.name)
-            if item is not None:
-                self._settle_error(item, exc, 0.0, 0)
-            with lane.lock:
-                lane.workers -= 1
-                restart = lane.pending > 0 and not lane.closed
-                if restart:
-                    lane.workers += 1
-            if restart:
-                self._start_worker(lane)
+                # A fallback from another lane (started) already has a running Future.
+                if item.started or item.future.set_running_or_notify_cancel():
+                    self._execute(lane, item, token_taken=first_token_ready)
+            except BaseException as exc:  # pragma: no cover - a bug here; fail the one request
+                log.exception("lane %s worker: unexpected error", lane.name)
+                if item is not None:
+                    self._settle_error(item, exc, 0.0, 0)
 
-    def _wait_ready(self, lane: _Lane, deadline: float | None) -> None:
-        """Wait out a lane pause, then take one rate token for one attempt."""
+    def _wait_ready(self, lane: _Lane, deadline: float | None, *, take_token: bool = True) -> None:
+        """Wait out a lane pause, then (unless ``take_token`` is False) take one rate token."""
         pause_s = lane.paused_until - time.monotonic()
         if pause_s > 0:
             if deadline is not None and time.monotonic() + pause_s > deadline:
@@ -726,7 +769,8 @@ class Executor:
             lane.retry.sleep(pause_s)
             if self._stopping.is_set():
                 raise ExecutorShutdownError(f"executor shut down while {lane.name} was paused")
-        lane.limiter.acquire(self._stopping, deadline)
+        if take_token:
+            lane.limiter.acquire(self._stopping, deadline)
 
     def _remaining_request(self, request: LLMRequest, deadline: float | None, lane: _Lane) -> LLMRequest:
         if deadline is None:
@@ -754,19 +798,19 @@ class Executor:
         latency_ms = 0.0
         try:
             while True:
-                if item.future.done():
+                if item.settled:
                     return  # the deadline reaper settled it (e.g. during a backoff): no more calls
                 if self._stopping.is_set():
                     raise ExecutorShutdownError("executor shut down before the attempt started")
                 if not token_taken:
-                    self._wait_ready(lane, item.deadline)
+                    self._wait_ready(lane, item.deadline, take_token=not lane.token_last)
                 token_taken = False
-                call_request = self._remaining_request(request, item.deadline, lane)
-                if prompt is not request.prompt:
-                    call_request = dataclasses.replace(call_request, prompt=prompt)
                 attempts += 1
                 try:
-                    response, latency_ms = self._attempt(lane, call_request, attempts > 1, first_queue_ms)
+                    outcome = self._attempt(lane, item, prompt, attempts > 1, first_queue_ms)
+                    if outcome is None:
+                        return  # settled by the deadline reaper while waiting for a slot or budget
+                    response, latency_ms = outcome
                     first_queue_ms = None
                     if item.schema is not None:
                         data = parse_structured(response.text, item.schema, provider=lane.name,
@@ -823,30 +867,49 @@ class Executor:
                 return
             self._settle_error(item, exc, latency_ms, attempts, queue_ms)
             return
-        try:
-            item.future.set_result(response)
-        except InvalidStateError:
+        if not _claim(item):
             return  # the deadline reaper failed it while the provider was still answering
         lane.metrics.on_success(latency_ms)
+        item.future._llm_item = None
+        try:
+            item.future.set_result(response)
+        except InvalidStateError:  # pragma: no cover - only settled after a claim
+            pass
         if log.isEnabledFor(logging.INFO):
             _log_finish(item, response, "done", latency_ms, attempts)
 
-    def _attempt(self, lane: _Lane, request: LLMRequest, is_retry: bool,
-                 queue_ms: float | None) -> tuple[LLMResponse, float]:
-        """One provider call between the global slot, the TPM reservation and the metrics."""
+    def _attempt(self, lane: _Lane, item: _Item, prompt: str, is_retry: bool,
+                 queue_ms: float | None) -> tuple[LLMResponse, float] | None:
+        """One provider call: global slot, TPM reservation, (rate token), call, metrics.
+
+        Returns None when the request was settled (deadline) while waiting for the slot, the
+        budget or the token: then the provider never sees it.
+        """
         limiter = lane.limiter
-        release = limiter.acquire_slot(self._stopping, None) if lane.pcfg.global_max_parallel else None
+        deadline = item.deadline
+        release = limiter.acquire_slot(self._stopping, deadline) if lane.pcfg.global_max_parallel else None
         estimate = 0
         try:
+            request = item.request
             if lane.pcfg.tpm is not None:
-                estimate = _limits.estimate_tokens(request.prompt, request.system, request.max_output_tokens)
-                limiter.reserve_tokens(estimate, self._stopping, None)
+                estimate = _limits.estimate_tokens(prompt, request.system, request.max_output_tokens)
+                limiter.reserve_tokens(estimate, self._stopping, deadline)
+            if lane.token_last:
+                limiter.acquire(self._stopping, deadline)
+            if item.settled:
+                if estimate:
+                    limiter.settle_tokens(estimate, 0)
+                return None
+            # The time left is measured after the waits: it is the provider's HTTP timeout.
+            call_request = self._remaining_request(request, deadline, lane)
+            if prompt is not request.prompt:
+                call_request = dataclasses.replace(call_request, prompt=prompt)
             metrics = lane.metrics
             metrics.on_attempt_start(is_retry, queue_ms)
             t0 = time.perf_counter()
             response: LLMResponse | None = None
             try:
-                response = lane.provider.complete(request)
+                response = lane.provider.complete(call_request)
             finally:
                 latency_ms = (time.perf_counter() - t0) * 1000.0
                 if response is not None and isinstance(response, LLMResponse):
@@ -857,6 +920,7 @@ class Executor:
                 if estimate:
                     limiter.settle_tokens(estimate, response.usage_tokens if isinstance(response, LLMResponse)
                                           else None)
+                    estimate = 0
         finally:
             if release is not None:
                 release()
@@ -888,7 +952,8 @@ class Executor:
             moved.tried = tried
             moved.attempts_before = attempts
             with target.lock:
-                if target.closed and self._stopping.is_set():
+                if target.closed:
+                    # Shutting down: the target's pool may already be joined; fail with the real error.
                     return False
                 spawn = target.push_locked(moved, next(self._seq))
             lane.metrics.on_fallback()
@@ -902,11 +967,15 @@ class Executor:
 
     def _settle_error(self, item: _Item, exc: BaseException, latency_ms: float, attempts: int,
                       queue_ms: float = 0.0) -> None:
+        if not _claim(item):
+            return
+        # Metrics before the Future: a caller woken by result() must find itself counted.
+        item.lane.metrics.on_failure(exc)
+        item.future._llm_item = None
         try:
             item.future.set_exception(exc)
-        except InvalidStateError:
-            return
-        item.lane.metrics.on_failure(exc)
+        except InvalidStateError:  # pragma: no cover - only settled after a claim
+            pass
         _log_finish(item, None, "error", latency_ms, attempts, error=exc)
 
     def _fail_on_deadline(self, item: _Item) -> None:
@@ -917,8 +986,16 @@ class Executor:
             if not item.started and not item.future.set_running_or_notify_cancel():
                 return
             where = "in the queue"
-        else:
+        elif item.future.running():
             where = "while running"
+        elif item.future.done():
+            return
+        else:
+            # A worker has taken it but not yet passed set_running_or_notify_cancel(): failing
+            # the still-PENDING Future now would break that gate (review finding 1). Look again
+            # in a moment; the worker also refuses to start a request whose deadline passed.
+            self._reaper.add(item, time.monotonic() + 0.005)
+            return
         self._settle_error(item, DeadlineExceededError(
             f"request {request.request_id} to {lane.name} exceeded its timeout of {request.timeout}s "
             f"({waited:.2f}s {where})", request_id=request.request_id, provider=lane.name), 0.0, 0)

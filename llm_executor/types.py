@@ -93,9 +93,10 @@ class LLMRequest:
             raise InvalidRequestError(
                 f"LLMRequest.request_id must be a string, got {type(self.request_id).__name__}", field="request_id"
             )
-        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int) or abs(self.priority) > 10**6:
             raise InvalidRequestError(
-                f"LLMRequest.priority must be an integer, got {self.priority!r}", field="priority"
+                f"LLMRequest.priority must be an integer in [-1000000, 1000000], got {self.priority!r}",
+                field="priority",
             )
         tmo = self.timeout
         if tmo is not None and (
