@@ -77,7 +77,8 @@ def test_executors_in_several_processes_share_qps_and_use_it(shared_url: str, na
     go.set()
     results = _gather(out, processes, procs, duration_s + 30)
     stamps = [t for _, times in results for t in times]
-    assert all(times for _, times in results), "every process got some of the budget"
+    # Fairness between processes is not promised (a late starter may get little); sharing is.
+    assert sum(1 for _, times in results if times) >= 2, "the budget was used by one process only"
     assert _max_in_any_window(stamps) <= qps, f"{_max_in_any_window(stamps)} starts in one 1 s window"
     in_run = [t for t in stamps if t < start.value + duration_s]
     assert len(in_run) >= 0.9 * qps * duration_s, f"only {len(in_run)} starts in {duration_s}s at QPS={qps}"
