@@ -408,19 +408,25 @@ class LaneLimiter:
 
 
 def make_lane_limiter(name: str, pcfg: ProviderConfig, ecfg: ExecutorConfig, *,
-                      lease_ttl_s: float = DEFAULT_LEASE_TTL_S) -> LaneLimiter:
+                      lease_ttl_s: float | None = None) -> LaneLimiter:
     """The limiter of lane ``name`` on the store ``ecfg.rate_backend`` names.
 
     Args:
         name: the provider (lane) name.
         pcfg: its ProviderConfig (qps, rpm, tpm, global_max_parallel, api_key).
         ecfg: the ExecutorConfig (rate_backend, namespace, backend_failure).
-        lease_ttl_s: lease of a global in-flight slot.
+        lease_ttl_s: lease of a global in-flight slot; None takes ``ecfg.lease_ttl_s`` when the
+            config has one, else ``DEFAULT_LEASE_TTL_S`` as it is at call time.
 
     Raises:
         ConfigError: the store is unreachable at start, or redis-py is missing for a redis URL;
             the message names the URL with its password masked.
     """
+    if lease_ttl_s is None:
+        # The Executor builds its limiters without a TTL argument; reading the config (when it
+        # has the field) and the module default here, at call time, is what lets a deployment
+        # (or a multi-process test) shorten the lease without touching the executor.
+        lease_ttl_s = getattr(ecfg, "lease_ttl_s", None) or DEFAULT_LEASE_TTL_S
     url = ecfg.rate_backend
     rates = build_rates(pcfg)
     key = lane_key(ecfg.namespace, name, pcfg.api_key)

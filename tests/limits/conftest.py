@@ -2,7 +2,7 @@
 
 Redis tests read ``LLM_EXECUTOR_TEST_REDIS_URL`` (default ``redis://127.0.0.1:6379/15``), use a
 namespace of their own and delete its keys afterwards; they skip, saying why, only when no server
-answers (CI starts one, so there they run).
+answers (CI starts one, so there they run), and fail instead when LLM_EXECUTOR_REQUIRE_REDIS=1.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -20,17 +21,24 @@ from llm_executor.limits import LaneLimiter, make_lane_limiter
 REDIS_URL = os.environ.get("LLM_EXECUTOR_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
+def _skip_or_fail(why: str) -> NoReturn:
+    if os.environ.get("LLM_EXECUTOR_REQUIRE_REDIS") == "1":
+        # CI starts a server: a Redis test that skipped there would hide the shared limits' tests.
+        pytest.fail(f"LLM_EXECUTOR_REQUIRE_REDIS=1 but {why}")
+    pytest.skip(why)
+
+
 def redis_client_or_skip() -> object:
     try:
         import redis
     except ImportError:  # pragma: no cover - the dev extra installs it
-        pytest.skip("redis-py is not installed (pip install -e '.[dev]')")
+        _skip_or_fail("redis-py is not installed (pip install -e '.[dev]')")
     client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1.0)
     try:
         client.ping()
     except (redis.exceptions.ConnectionError, OSError) as exc:
-        pytest.skip(f"no Redis answers at {REDIS_URL} ({type(exc).__name__}); start one with "
-                    "`redis-server --daemonize yes` or set LLM_EXECUTOR_TEST_REDIS_URL")
+        _skip_or_fail(f"no Redis answers at {REDIS_URL} ({type(exc).__name__}); start one with "
+                      "`redis-server --daemonize yes` or set LLM_EXECUTOR_TEST_REDIS_URL")
     return client
 
 
