@@ -163,6 +163,8 @@ class ExecutorConfig:
         fallbacks: ordered providers to fall back to after retryable failures.
         priority_aging_s: a request waiting this long counts as one priority step higher.
         backend_failure: when a shared backend is lost mid-run: "fail_closed" or "local".
+        lease_ttl_s: lifetime of a global in-flight slot lease (renewed while the call runs), so
+            the slots of a killed process come back within it.
     """
 
     providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
@@ -174,6 +176,7 @@ class ExecutorConfig:
     fallbacks: tuple[str, ...] = ()
     priority_aging_s: float = 5.0
     backend_failure: BackendFailure = "fail_closed"
+    lease_ttl_s: float = 30.0
 
     def __post_init__(self) -> None:
         _check(isinstance(self.providers, Mapping), "providers", "a mapping of name to ProviderConfig",
@@ -199,6 +202,8 @@ class ExecutorConfig:
                "a positive number of seconds", self.priority_aging_s)
         _check(self.backend_failure in ("fail_closed", "local"), "backend_failure",
                "'fail_closed' or 'local'", self.backend_failure)
+        _check(_is_num(self.lease_ttl_s) and self.lease_ttl_s >= 0.5, "lease_ttl_s", "a number of seconds >= 0.5",
+               self.lease_ttl_s)
 
     def provider(self, name: str) -> ProviderConfig:
         """The config of lane ``name`` (defaults when the provider has none)."""
@@ -431,4 +436,9 @@ class _EnvReader:
         failure = self.choice("LLM_EXECUTOR_BACKEND_FAILURE", ("fail_closed", "local"))
         if failure is not None:
             kw["backend_failure"] = failure
+        lease = self.float_("LLM_EXECUTOR_LEASE_TTL", "a number of seconds >= 0.5")
+        if lease is not None:
+            if lease < 0.5:
+                raise self._fail("LLM_EXECUTOR_LEASE_TTL", str(lease), "a number of seconds >= 0.5")
+            kw["lease_ttl_s"] = lease
         return ExecutorConfig(**kw)

@@ -113,28 +113,11 @@ def slot_worker(url: str, namespace: str, cap: int, max_parallel: int, requests:
         out.put((os.getpid(), list(provider.spans), errors))
 
 
-def slot_hog(url: str, namespace: str, cap: int, lease_ttl_s: float, started: Any) -> None:
-    """An Executor whose ``cap`` calls never answer, so it holds every global slot until killed.
-
-    ExecutorConfig has no lease TTL option (yet), so this child shortens the default that
-    ``make_lane_limiter`` reads when the Executor builds its lanes.
-    """
-    import llm_executor.limits as limits
-
-    limits.DEFAULT_LEASE_TTL_S = lease_ttl_s
-    provider = StampProvider(block=threading.Event(), started=started)
-    executor = Executor(_config(url, namespace, max_parallel=cap, global_max_parallel=cap),
-                        providers={"fake": provider})
-    for i in range(cap):
-        executor.submit(_request(f"hog-{i}"))
-    time.sleep(120)  # killed long before
-
-
 def slot_hog_configured(url: str, namespace: str, cap: int, lease_ttl_s: float, started: Any) -> None:
     """``slot_hog`` with the TTL set the way a user would: ``ExecutorConfig(lease_ttl_s=...)``."""
     provider = StampProvider(block=threading.Event(), started=started)
     cfg = ExecutorConfig(providers={"fake": ProviderConfig(max_parallel=cap, global_max_parallel=cap)},
-                         rate_backend=url, namespace=namespace, lease_ttl_s=lease_ttl_s)  # type: ignore[call-arg]
+                         rate_backend=url, namespace=namespace, lease_ttl_s=lease_ttl_s)
     executor = Executor(cfg, providers={"fake": provider})
     for i in range(cap):
         executor.submit(_request(f"hog-{i}"))
