@@ -149,11 +149,21 @@ class OpenAIProvider(HTTPProvider):
 
     default_base_url: ClassVar[str] = DEFAULT_BASE_URL
     retryable_statuses: ClassVar[frozenset[int]] = frozenset({408, 409, 429, 500, 502, 503, 504})
+    # (base_url, chat completions URL, is_official): three URL parses per call otherwise (issue 7 profile).
+    _endpoint_cache: tuple[str, str, bool] | None = None
+
+    def _endpoint(self) -> tuple[str, str, bool]:
+        base = self.base_url
+        cached = self._endpoint_cache
+        if cached is None or cached[0] != base:
+            official = urlsplit(join_url(base, "")).hostname == OPENAI_HOST
+            cached = self._endpoint_cache = (base, join_url(base, "/chat/completions"), official)
+        return cached
 
     @property
     def is_official(self) -> bool:
         """Whether the base URL is OpenAI's own API (keys and reasoning defaults depend on it)."""
-        return urlsplit(join_url(self.base_url, "")).hostname == OPENAI_HOST
+        return self._endpoint()[2]
 
     def reasoning_prefixes(self) -> tuple[str, ...]:
         """The model-name prefixes treated as reasoning models."""
@@ -237,7 +247,7 @@ class OpenAIProvider(HTTPProvider):
         model = self.resolve_model(request)
         self._check_key()
         body = self.build_body(request, model)
-        payload = self.request_json("POST", join_url(self.base_url, "/chat/completions"), body=body,
+        payload = self.request_json("POST", self._endpoint()[1], body=body,
                                     request=request, model=model)
         return self.parse_guarded(lambda data: self._parse(data, model), payload, request)
 

@@ -13,6 +13,7 @@ from llm_executor.errors import InvalidRequestError, ProviderError, ProviderUnav
 from llm_executor.providers.base import (
     ErrorInfo,
     build_session,
+    freeze_environment,
     parse_duration_s,
     parse_error_body,
     parse_retry_after,
@@ -120,6 +121,36 @@ def test_built_session_pools_max_parallel_connections_and_never_retries() -> Non
     assert isinstance(adapter, requests.adapters.HTTPAdapter)
     assert adapter._pool_maxsize == 17  # type: ignore[attr-defined]
     assert adapter.max_retries.total == 0
+
+
+def test_frozen_environment_keeps_proxies_and_no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # os.environ is what requests itself reads; there is no mapping to pass instead.
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+    proxied, direct = requests.Session(), requests.Session()
+    freeze_environment(proxied, "https://api.openai.com/v1")
+    freeze_environment(direct, "http://127.0.0.1:11434")
+    assert proxied.proxies["https"] == "http://proxy.example:3128"
+    assert "https" not in direct.proxies
+    assert not proxied.trust_env and not direct.trust_env
+
+
+def test_built_session_reads_the_environment_once_at_the_first_call(wire: responses.RequestsMock) -> None:
+    wire.add(responses.POST, OPENAI_URL, json=OPENAI_OK)
+    wire.add(responses.POST, OPENAI_URL, json=OPENAI_OK)
+    provider = openai()
+    assert provider.session.trust_env
+    provider.complete(req())
+    provider.complete(req())
+    assert not provider.session.trust_env
+    assert len(wire.calls) == 2
+
+
+def test_injected_session_keeps_trust_env(wire: responses.RequestsMock) -> None:
+    wire.add(responses.POST, OPENAI_URL, json=OPENAI_OK)
+    session = requests.Session()
+    OpenAIProvider("openai", ProviderConfig(api_key="sk-test"), session=session).complete(req())
+    assert session.trust_env
 
 
 def test_injected_session_is_used(wire: responses.RequestsMock) -> None:
