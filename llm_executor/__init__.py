@@ -10,7 +10,7 @@ import logging
 
 from .config import ExecutorConfig, ProviderConfig
 from .executor import Executor, ExecutorStats, ProviderStats
-from .providers.base import Provider
+from .providers.protocol import Provider
 from .types import Capabilities, LLMRequest, LLMResponse
 
 __version__ = "0.1.0"

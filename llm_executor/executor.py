@@ -54,9 +54,8 @@ from .errors import (
     UnknownProviderError,
 )
 from .metrics import ExecutorStats, LaneMetrics, PrometheusExporter, ProviderStats
-from .providers.base import Provider
+from .providers.protocol import Provider
 from .providers.registry import create_builtin
-from .retry import RetryPolicy, is_retryable
 from .types import Capabilities, LLMRequest, LLMResponse
 from .validation import check_capabilities, normalize_schema, parse_structured
 
@@ -151,6 +150,8 @@ class _Lane:
         # With a global slot or a TPM budget to wait for, the rate token is taken last.
         self.token_last = bool(pcfg.global_max_parallel or pcfg.tpm)
         self.metrics = LaneMetrics(name, pcfg.max_parallel, pcfg.qps)
+        from .retry import RetryPolicy  # tenacity is loaded with the first lane, not at import
+
         self.retry = RetryPolicy(pcfg, stopping, sleep)
         self.pool = ThreadPoolExecutor(max_workers=pcfg.max_parallel, thread_name_prefix=f"llm-executor-{name}")
         self.lock = threading.Lock()
@@ -828,7 +829,7 @@ class Executor:
                         exc.provider = lane.name
                     if exc.request_id is None:
                         exc.request_id = request.request_id
-                    if not is_retryable(exc):
+                    if not exc.retryable:
                         raise
                     if state is None:
                         state = lane.retry.new_state()

@@ -15,9 +15,12 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from pyrate_limiter import AbstractBucket, InMemoryBucket, Rate, RateItem
+# pyrate-limiter is imported where a rate is built: it pulls in asyncio and multiprocessing,
+# half of ``import llm_executor``'s time, and a lane without QPS/RPM never needs it.
+if TYPE_CHECKING:
+    from pyrate_limiter import AbstractBucket, Rate
 
 from ..config import ProviderConfig
 
@@ -70,11 +73,17 @@ def _paced_qps_rate(qps: int, margin_ms: int, burst: int | None = None) -> Rate:
     """
     target = max(1, qps // 20) if burst is None else min(qps, burst)
     k = max(d for d in range(1, target + 1) if qps % d == 0)
+    from pyrate_limiter import Rate
+
     return Rate(k, math.ceil(k * (1000 + margin_ms) / qps))
 
 
 def build_rates(cfg: ProviderConfig, margin_ms: int = WINDOW_MARGIN_MS) -> list[Rate]:
     """The pyrate-limiter rates for ``cfg``'s QPS and RPM (empty when neither is set)."""
+    if cfg.qps is None and cfg.rpm is None:
+        return []
+    from pyrate_limiter import Rate
+
     rates: list[Rate] = []
     if cfg.qps is not None:
         if cfg.qps >= 1:
@@ -194,6 +203,9 @@ class RequestGate:
         now_ms: Callable[[], int],
         on_leak: Callable[[int], None] | None = None,
     ) -> None:
+        from pyrate_limiter import RateItem
+
+        self._item_cls = RateItem
         self.name = name
         self.bucket = bucket
         self.rates: list[Rate] = list(bucket.rates)
@@ -205,7 +217,7 @@ class RequestGate:
         """Take a token (caller holds the store's lock): 0.0, or the seconds to wait."""
         now = self._now_ms()
         self._maybe_leak(now)
-        item = RateItem(self.name, now, weight=1)
+        item = self._item_cls(self.name, now, weight=1)
         if self.bucket.put(item):
             return 0.0
         wait_ms = self.bucket.waiting(item)
@@ -217,7 +229,7 @@ class RequestGate:
         wait_ms = 0
         for rate in self.rates:
             blocking = self.bucket.peek(rate.limit - 1)
-            if isinstance(blocking, RateItem) and blocking.timestamp >= now - rate.interval:
+            if isinstance(blocking, self._item_cls) and blocking.timestamp >= now - rate.interval:
                 wait_ms = max(wait_ms, blocking.timestamp + rate.interval + 1 - now)
         return wait_ms / 1000.0
 
@@ -244,7 +256,12 @@ class MemoryBackend:
     def __init__(self, name: str, rates: list[Rate], now_ms: Callable[[], int] = _monotonic_ms) -> None:
         self._lock = threading.Lock()
         self._now_ms = now_ms
-        self._gate = RequestGate(name, InMemoryBucket(rates), now_ms) if rates else None
+        if rates:
+            from pyrate_limiter import InMemoryBucket
+
+            self._gate: RequestGate | None = RequestGate(name, InMemoryBucket(rates), now_ms)
+        else:
+            self._gate = None
         self._tpm: dict[int, int] = {}  # guarded by _lock
         self._slots: set[str] = set()  # guarded by _lock
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, ClassVar, NoReturn, Protocol, runtime_checkable
+from typing import Any, ClassVar, NoReturn
 from urllib.parse import urlsplit
 
 import requests
@@ -41,6 +41,7 @@ from ..errors import (
     RateLimitedError,
 )
 from ..types import Capabilities, LLMRequest, LLMResponse
+from .protocol import Provider
 
 __all__ = [
     "ErrorInfo",
@@ -58,26 +59,6 @@ log = logging.getLogger(__name__)
 
 # Longest provider error text we copy into our own messages: enough to act on, short enough for a log line.
 _MAX_MESSAGE_CHARS = 300
-
-
-@runtime_checkable
-class Provider(Protocol):
-    """A language-model backend.
-
-    ``complete`` raises ``llm_executor.errors.ProviderError`` subclasses for failures; their
-    ``retryable`` and ``retry_after_s`` drive the executor's retries. Any other exception
-    fails the request without a retry.
-    """
-
-    name: str
-
-    def capabilities(self) -> Capabilities:
-        """What the provider can do (output-token cap, JSON modes, known models)."""
-        ...
-
-    def complete(self, request: LLMRequest) -> LLMResponse:
-        """Run one attempt of ``request`` and return the response."""
-        ...
 
 
 class MalformedResponseError(Exception):

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from ..config import BUILTIN_PROVIDER_NAMES, ProviderConfig
 from ..errors import ConfigError
-from .base import Provider
+from .protocol import Provider
 
 __all__ = ["builtin_names", "create_builtin"]
 
