@@ -31,6 +31,7 @@ import heapq
 import itertools
 import logging
 import os
+import queue
 import threading
 import time
 import weakref
@@ -64,6 +65,9 @@ __all__ = ["Executor", "ExecutorStats", "ProviderStats"]
 log = logging.getLogger("llm_executor")
 
 _QUEUED, _TAKEN, _REMOVED = 0, 1, 2
+# An idle worker waits this long for new work before giving its thread back to the pool: a
+# steady stream of requests then never pays a pool.submit() per request.
+_LINGER_S = 0.05
 # Guards _Item.settled: whoever claims an item first settles its Future and its metrics, so
 # stats() already counts a result when the caller's result() returns.
 _SETTLE_LOCK = threading.Lock()
@@ -130,6 +134,11 @@ class _LLMFuture(Future[LLMResponse]):
             with self._condition:
                 item, self._llm_item = self._llm_item, None
             if item is not None:
+                if item.lane.remove(item):
+                    # Nobody else will pass this Future through the gate now; without it the
+                    # state stays CANCELLED and concurrent.futures.wait()/as_completed() never
+                    # count it as done (found by the soak).
+                    self.set_running_or_notify_cancel()
                 item.lane.on_cancelled(item)
         return cancelled
 
@@ -160,6 +169,11 @@ class _Lane:
         self.pending = 0
         self.submitted = 0  # guarded by lock; read by stats()
         self.workers = 0
+        # Idle workers linger on a SimpleQueue (C-level, cheap to wake) for new work before giving
+        # their thread back to the pool; guarded by lock: idle = lingering, wakeups = tokens put.
+        self.idle = 0
+        self.wakeups = 0
+        self.wake: queue.SimpleQueue[None] = queue.SimpleQueue()
         self.closed = False
         self.paused_until = 0.0  # monotonic
 
@@ -178,10 +192,33 @@ class _Lane:
         heapq.heappush(self.heap, (item.key, seq, item))
         self.pending += 1
         self.submitted += 1
+        if self.idle > self.wakeups:
+            # A lingering worker takes it: cheaper than handing the pool a new worker loop. One
+            # wake-up per request, so a burst still starts up to MAX_PARALLEL workers.
+            self.wakeups += 1
+            self.wake.put(None)
+            return False
         if self.workers < self.pcfg.max_parallel:
             self.workers += 1
             return True
         return False
+
+    def linger(self) -> bool:
+        """Wait a moment for new work (lock not held); False when the worker should leave."""
+        with self.lock:
+            if self.closed or self.pending:
+                return bool(self.pending)
+            self.idle += 1
+        try:
+            self.wake.get(timeout=_LINGER_S)
+            got = True
+        except queue.Empty:
+            got = False
+        with self.lock:
+            self.idle -= 1
+            if got:
+                self.wakeups -= 1
+            return self.pending > 0 or (got and not self.closed)
 
     def pop_locked(self) -> _Item | None:
         heap = self.heap
@@ -207,7 +244,6 @@ class _Lane:
             return True
 
     def on_cancelled(self, item: _Item) -> None:
-        self.remove(item)
         self.metrics.on_cancel()
         _log_finish(item, None, "cancelled", 0.0, 0)
 
@@ -538,6 +574,9 @@ class Executor:
             with lane.lock:
                 lane.closed = True
                 lane.not_full.notify_all()
+                for _ in range(lane.idle - lane.wakeups):
+                    lane.wakeups += 1
+                    lane.wake.put(None)
         if cancel_futures:
             self._stopping.set()
             for lane in self._lanes.values():
@@ -719,9 +758,13 @@ class Executor:
             try:
                 if token_first or lane.paused_until:
                     with lane.lock:
-                        if not lane.pending:
-                            lane.workers -= 1
-                            return
+                        idle = not lane.pending
+                    if idle and not lane.linger():
+                        with lane.lock:
+                            if not lane.pending:
+                                lane.workers -= 1
+                                return
+                        continue
                     gate_error: BaseException | None = None
                     try:
                         self._wait_ready(lane, None, take_token=token_first)
@@ -748,7 +791,12 @@ class Executor:
                     # No rate limit, no pause: take the next request or leave, in one lock hold.
                     with lane.lock:
                         item = lane.pop_locked()
-                        if item is None:
+                    if item is None:
+                        if lane.linger():
+                            continue
+                        with lane.lock:
+                            if lane.pending:
+                                continue  # arrived as we decided to leave: do not strand it
                             lane.workers -= 1
                             return
                 # A fallback from another lane (started) already has a running Future.
