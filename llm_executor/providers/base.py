@@ -502,7 +502,12 @@ class HTTPProvider(abc.ABC):
                       model: str | None) -> dict[str, Any]:
         status = response.status_code
         if not 200 <= status < 300:
-            raise self._status_error(response, request_id, model)
+            try:
+                error = self._status_error(response, request_id, model)
+            except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+                # An adapter hook tripped over an odd error body: still a typed error for this status.
+                error = self._plain_status_error(status, type(exc).__name__, request_id)
+            raise error
         try:
             data = json.loads(response.content)
         except (ValueError, UnicodeDecodeError):
@@ -550,6 +555,16 @@ class HTTPProvider(abc.ABC):
         if status >= 500 or status in self.retryable_statuses:  # 408, and 409 for OpenAI
             return ProviderUnavailableError(message, retryable=retryable, retry_after_s=retry_after_s, **kw)
         return ProviderError(message, retryable=retryable, **kw)
+
+    def _plain_status_error(self, status: int, why: str, request_id: str | None) -> ProviderError:
+        message = f"{self.name}: HTTP {status} with an error body of unexpected shape ({why})"
+        kw: dict[str, Any] = {"provider": self.name, "status": status, "request_id": request_id,
+                              "retryable": status in self.retryable_statuses}
+        if status == 429:
+            return RateLimitedError(message, **kw)
+        if status >= 500 or status in self.retryable_statuses:
+            return ProviderUnavailableError(message, **kw)
+        return ProviderError(message, **kw)
 
     def parse_guarded(self, parse: Callable[[dict[str, Any]], LLMResponse], payload: dict[str, Any],
                       request: LLMRequest) -> LLMResponse:

@@ -190,7 +190,9 @@ class GeminiProvider(HTTPProvider):
         # A per-day quota does not refill until the day's window ends: retrying only burns time.
         for detail in info.details:
             if detail.get("@type") == _QUOTA_FAILURE:
-                for violation in detail.get("violations") or []:
+                violations = detail.get("violations")
+                # Anything but a list (a number, an object) would make the loop raise TypeError.
+                for violation in violations if isinstance(violations, list) else ():
                     quota_id = violation.get("quotaId") if isinstance(violation, dict) else None
                     if isinstance(quota_id, str) and "PerDay" in quota_id:
                         return True
@@ -204,7 +206,9 @@ class GeminiProvider(HTTPProvider):
         return None
 
     def _describe_error(self, status: int, info: ErrorInfo, model: str | None) -> str | None:
-        reasons = {d.get("reason") for d in info.details if d.get("@type") == _ERROR_INFO}
+        # Only string reasons: a list or object here is unhashable and would escape as TypeError.
+        reasons = {d.get("reason") for d in info.details
+                   if d.get("@type") == _ERROR_INFO and isinstance(d.get("reason"), str)}
         if "API_KEY_INVALID" in reasons:
             # An invalid key is a 400, not a 401: say so plainly (without the key).
             return (f"HTTP {status}: the API key is invalid; check GEMINI_API_KEY / GOOGLE_API_KEY "

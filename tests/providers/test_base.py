@@ -278,3 +278,16 @@ def test_repr_shows_name_and_masked_base_url_only() -> None:
     text = repr(provider)
     assert "OpenAIProvider" in text and "proxy.example.com" in text
     assert "sk-secret-123" not in text and "pw" not in text and "abc" not in text
+
+
+def test_an_error_hook_that_trips_over_the_body_still_gives_a_typed_error(wire: responses.RequestsMock) -> None:
+    class Clumsy(OpenAIProvider):
+        def _describe_error(self, status: int, info: object, model: str | None) -> str | None:
+            raise TypeError("unhashable type: 'list'")
+
+    wire.add(responses.POST, OPENAI_URL, status=503, json={"error": {"message": "busy"}})
+    with pytest.raises(ProviderUnavailableError) as info:
+        Clumsy("openai", ProviderConfig(api_key="sk-test")).complete(req())
+    assert info.value.status == 503 and info.value.retryable
+    assert "unexpected shape (TypeError)" in str(info.value)
+    assert info.value.__context__ is None

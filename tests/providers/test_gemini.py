@@ -255,3 +255,22 @@ def test_health_check_raises_on_invalid_key(wire: responses.RequestsMock) -> Non
              json=GEMINI_400_BADKEY, status=400)
     with pytest.raises(ProviderError, match="API key is invalid"):
         provider().health_check()
+
+
+# Found by tests/test_fuzz_replies.py: odd shapes inside error details escaped as TypeError.
+@pytest.mark.parametrize("status", [400, 429])
+@pytest.mark.parametrize("detail", [
+    {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": 5},
+    {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": {"quotaId": "PerDay"}},
+    {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": ["API_KEY_INVALID"]},
+    {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": {"why": 1}},
+])
+def test_error_details_of_unexpected_shape_still_give_typed_errors(
+        wire: responses.RequestsMock, status: int, detail: dict[str, Any]) -> None:
+    wire.add(responses.POST, GEMINI_URL, status=status, json={"error": {"code": status, "message": "nope",
+                                                                       "details": [detail]}})
+    with pytest.raises(ProviderError) as info:
+        provider().complete(req())
+    assert info.value.status == status
+    assert isinstance(info.value, RateLimitedError) == (status == 429)
+    assert "nope" in str(info.value)

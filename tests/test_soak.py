@@ -1,0 +1,70 @@
+"""The fault-injection soak (scripts/soak.py) in a short run: 600 requests, 30 % faults, a mid-run shutdown.
+
+The run happens once per module; each test reads one family of checks from its report, so a
+failure names the property that broke. Two checks fail today because of executor bugs the soak
+found (see tests/test_executor_cancel_findings.py); they are strict xfails until fixed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+SOAK_PATH = Path(__file__).resolve().parent.parent / "scripts" / "soak.py"
+
+
+def load_soak() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("llm_executor_soak", SOAK_PATH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def report() -> Any:
+    soak = load_soak()
+    return soak.run_soak(requests=600, fault_rate=0.3, seed=7, trace_memory=True)
+
+
+def explain(report: Any) -> str:
+    return report.format()
+
+
+@pytest.mark.parametrize("check", ["resolved_once", "submit_after_shutdown", "threads", "limits", "no_key_leak"])
+def test_soak_short_run_holds(report: Any, check: str) -> None:
+    assert report.checks.get(check) is True, explain(report)
+
+
+def test_soak_short_run_exercises_every_path(report: Any) -> None:
+    # Not a vacuous pass: faults, refusals, cancels and failures of every kind actually happened.
+    assert report.submit["accepted"] > 300 and report.submit["refused_shutdown"] > 0
+    assert report.submit["cancel_calls_true"] > 0
+    failures: dict[str, int] = {}
+    for lane in report.outcomes.values():
+        for name, n in lane["failed_by_error"].items():
+            failures[name] = failures.get(name, 0) + n
+    assert {"SoakCrash", "DeadlineExceededError", "ProviderError"} <= set(failures), failures
+    faults = {kind for e in report.emulator.values() for kind in e["faults"]}
+    assert {"rate_limit", "server_error", "unavailable", "hang", "malformed"} <= faults, faults
+    assert report.logs["records"] > 100
+    assert report.memory["peak_traced_mb"] > 0
+
+
+@pytest.mark.xfail(strict=True, reason="executor bug: _LLMFuture.cancel() counts stats().cancelled (and logs "
+                   "'cancelled') on every call that returns True, so a Future cancelled twice (user twice, or "
+                   "shutdown(cancel_futures=True) then the user) is counted twice")
+def test_soak_stats_equal_what_callers_saw(report: Any) -> None:
+    assert report.checks.get("stats_match") is True, explain(report)
+
+
+@pytest.mark.xfail(strict=True, reason="executor bug: a Future cancelled while queued stays CANCELLED (never "
+                   "CANCELLED_AND_NOTIFIED), so concurrent.futures.wait()/as_completed() wait for it forever")
+def test_soak_concurrent_futures_wait_sees_every_future_done(report: Any) -> None:
+    assert report.checks.get("cf_wait_sees_all") is True, explain(report)
