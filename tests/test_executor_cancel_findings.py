@@ -1,4 +1,4 @@
-"""Cancellation bugs the soak found in executor.py, pinned as strict xfails until executor.py is fixed.
+"""Cancellation bugs the soak found in executor.py (both fixed; these tests keep them fixed).
 
 1. A request cancelled while queued (by ``future.cancel()`` or ``shutdown(cancel_futures=True)``)
    leaves the heap at once, so no worker ever calls ``set_running_or_notify_cancel()`` on it: the
@@ -29,7 +29,6 @@ def one_lane(gate: GateProvider) -> Executor:
     return Executor(ExecutorConfig(providers={"gate": ProviderConfig(max_parallel=1)}), {"gate": gate})
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_NOTIFY)
 def test_wait_sees_a_request_cancelled_in_the_queue(gate: GateProvider) -> None:
     with one_lane(gate) as ex:
         running = ex.submit(req("gate"))
@@ -42,7 +41,6 @@ def test_wait_sees_a_request_cancelled_in_the_queue(gate: GateProvider) -> None:
     assert queued in done and not not_done
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_NOTIFY)
 def test_as_completed_yields_a_request_cancelled_in_the_queue(gate: GateProvider) -> None:
     with one_lane(gate) as ex:
         running = ex.submit(req("gate"))
@@ -58,7 +56,6 @@ def test_as_completed_yields_a_request_cancelled_in_the_queue(gate: GateProvider
     assert seen == [queued]
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_NOTIFY)
 def test_wait_sees_requests_cancelled_by_shutdown(gate: GateProvider) -> None:
     ex = one_lane(gate)
     running = ex.submit(req("gate"))
@@ -74,7 +71,6 @@ def test_wait_sees_requests_cancelled_by_shutdown(gate: GateProvider) -> None:
         ex.shutdown()
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_COUNT)
 def test_cancel_twice_counts_one_cancellation(gate: GateProvider, caplog: pytest.LogCaptureFixture) -> None:
     with one_lane(gate) as ex:
         running = ex.submit(req("gate"))
@@ -88,7 +84,6 @@ def test_cancel_twice_counts_one_cancellation(gate: GateProvider, caplog: pytest
     assert len([r for r in caplog.records if "cancelled" in r.getMessage()]) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_COUNT)
 def test_user_cancel_after_shutdown_cancelled_counts_once(gate: GateProvider) -> None:
     ex = one_lane(gate)
     running = ex.submit(req("gate"))

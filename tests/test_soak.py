@@ -1,8 +1,8 @@
 """The fault-injection soak (scripts/soak.py) in a short run: 600 requests, 30 % faults, a mid-run shutdown.
 
 The run happens once per module; each test reads one family of checks from its report, so a
-failure names the property that broke. Two checks fail today because of executor bugs the soak
-found (see tests/test_executor_cancel_findings.py); they are strict xfails until fixed.
+failure names the property that broke. Two of them pinned executor bugs the soak found (see
+tests/test_executor_cancel_findings.py), fixed since.
 """
 
 from __future__ import annotations
@@ -57,14 +57,9 @@ def test_soak_short_run_exercises_every_path(report: Any) -> None:
     assert report.memory["peak_traced_mb"] > 0
 
 
-@pytest.mark.xfail(strict=True, reason="executor bug: _LLMFuture.cancel() counts stats().cancelled (and logs "
-                   "'cancelled') on every call that returns True, so a Future cancelled twice (user twice, or "
-                   "shutdown(cancel_futures=True) then the user) is counted twice")
 def test_soak_stats_equal_what_callers_saw(report: Any) -> None:
     assert report.checks.get("stats_match") is True, explain(report)
 
 
-@pytest.mark.xfail(strict=True, reason="executor bug: a Future cancelled while queued stays CANCELLED (never "
-                   "CANCELLED_AND_NOTIFIED), so concurrent.futures.wait()/as_completed() wait for it forever")
 def test_soak_concurrent_futures_wait_sees_every_future_done(report: Any) -> None:
     assert report.checks.get("cf_wait_sees_all") is True, explain(report)
