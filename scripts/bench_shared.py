@@ -29,8 +29,8 @@ from llm_executor.errors import ConfigError, DeadlineExceededError
 from llm_executor.limits import LaneLimiter, make_lane_limiter
 
 
-def _limiter(url: str, namespace: str, qps: float) -> LaneLimiter:
-    pcfg = ProviderConfig(qps=qps)
+def _limiter(url: str, namespace: str, qps: float, burst: int | None = None) -> LaneLimiter:
+    pcfg = ProviderConfig(qps=qps, burst=burst)
     return make_lane_limiter("bench", pcfg, ExecutorConfig(providers={"bench": pcfg}, rate_backend=url,
                                                            namespace=namespace))
 
@@ -50,7 +50,8 @@ def acquire_cost_us(url: str, n: int) -> float:
     runs = []
     for _ in range(3):
         namespace = f"bench-{uuid.uuid4().hex[:8]}"
-        limiter = _limiter(url, namespace, qps=10 * n)  # never reached
+        # Never reached: a window 10x the run, and no pacing (burst = QPS) to hold a tight loop.
+        limiter = _limiter(url, namespace, qps=10 * n, burst=10 * n)
         stopping = threading.Event()
         for _ in range(50):
             limiter.acquire(stopping)  # warm up connections and scripts
