@@ -371,25 +371,28 @@ class _EnvReader:
         if reasoning is not None:
             pairs.append(("reasoning_models", tuple(m.strip() for m in reasoning.split(",") if m.strip())))
         base_url = self._raw(p + "BASE_URL")
+        base_var = p + "BASE_URL"
         key = self.secret(p + "API_KEY")
         options: dict[str, str] = {}
         if name == "openai":
-            base_url = base_url or self._raw("OPENAI_BASE_URL")
+            if base_url is None and self._raw("OPENAI_BASE_URL") is not None:
+                base_url, base_var = self._raw("OPENAI_BASE_URL"), "OPENAI_BASE_URL"
             key = key or self.secret("OPENAI_API_KEY")
             for opt, var in (("organization", "OPENAI_ORG_ID"), ("project", "OPENAI_PROJECT_ID")):
                 if self._raw(var):
                     options[opt] = self._raw(var) or ""
         elif name == "gemini":
-            base_url = base_url or self._raw("GOOGLE_GEMINI_BASE_URL")
+            if base_url is None and self._raw("GOOGLE_GEMINI_BASE_URL") is not None:
+                base_url, base_var = self._raw("GOOGLE_GEMINI_BASE_URL"), "GOOGLE_GEMINI_BASE_URL"
             key = key or self.secret("GEMINI_API_KEY", "GOOGLE_API_KEY")
         elif name == "ollama":
             host = self._raw("OLLAMA_HOST")
             if base_url is None and host is not None:
-                base_url = host
+                base_url, base_var = host, "OLLAMA_HOST"
             key = key or self.secret("OLLAMA_API_KEY")
         if base_url is not None:
             if not re.match(r"^(https?://)?[^\s]+$", base_url):
-                raise self._fail(p + "BASE_URL", base_url, "a URL such as https://host/v1")
+                raise self._fail(base_var, base_url, "a URL such as https://host/v1")
             pairs.append(("base_url", base_url))
         pairs.append(("api_key", key))
         if options:

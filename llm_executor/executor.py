@@ -44,6 +44,7 @@ from typing import Any
 from . import limits as _limits
 from .config import BUILTIN_PROVIDER_NAMES, ExecutorConfig, ProviderConfig
 from .errors import (
+    ConfigError,
     DeadlineExceededError,
     ExecutorShutdownError,
     InvalidRequestError,
@@ -427,6 +428,11 @@ class Executor:
                 else:
                     provider, builtin = create_builtin(name, pcfg), True
                 self._lanes[name] = _Lane(name, provider, pcfg, self.config, self._stopping, sleep, builtin)
+            unknown = [n for n in self.config.fallbacks if n not in self._lanes]
+            if unknown:
+                raise ConfigError(
+                    f"LLM_EXECUTOR_FALLBACKS={','.join(self.config.fallbacks)!r}: unknown provider "
+                    f"{unknown[0]!r}; expected names of enabled providers: {', '.join(self._lanes)}")
         except BaseException:
             for lane in self._lanes.values():
                 lane.pool.shutdown(wait=False)
@@ -589,6 +595,9 @@ class Executor:
                             self._settle_error(item, ExecutorShutdownError("executor shut down"), 0.0, 0)
                     else:
                         item.future.cancel()
+        if self._exporter is not None:
+            self._exporter.close()
+            self._exporter = None
         if wait:
             for lane in self._lanes.values():
                 lane.pool.shutdown(wait=True)

@@ -273,8 +273,20 @@ class PrometheusExporter:
         (registry or prom.REGISTRY).register(collector)
         self._collector = collector
         self._registry = registry or prom.REGISTRY
-        for metrics in lanes.values():
+        self._lanes = list(lanes.values())
+        for metrics in self._lanes:
             metrics.listeners.append(self._on_finish)
+
+    def close(self) -> None:
+        """Unregister every metric, so a new executor in this process can export again."""
+        for metrics in self._lanes:
+            if self._on_finish in metrics.listeners:
+                metrics.listeners.remove(self._on_finish)
+        for collector in (self._collector, self._requests, self._latency):
+            try:
+                self._registry.unregister(collector)
+            except KeyError:  # pragma: no cover - already unregistered
+                pass
 
     def _on_finish(self, provider: str, outcome: str, latency_ms: float | None) -> None:
         self._requests.labels(provider=provider, outcome=outcome).inc()

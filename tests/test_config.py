@@ -137,3 +137,10 @@ def test_executor_config_validates_fields() -> None:
         ExecutorConfig(queue_size=-1)
     with pytest.raises(ConfigError, match="providers"):
         ExecutorConfig(providers={"Bad Name": ProviderConfig()})
+
+
+@pytest.mark.parametrize(("var", "value"), [("OPENAI_BASE_URL", "http://a b"), ("OLLAMA_HOST", "a b"),
+                                            ("LLM_EXECUTOR_OPENAI_BASE_URL", "x y")])
+def test_bad_base_url_names_the_variable_it_came_from(var: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{var}="):
+        ExecutorConfig.from_env({var: value})

@@ -671,3 +671,21 @@ def test_prometheus_exporter_exposes_counters_and_gauges(fake: FakeProvider) -> 
 def test_configured_builtin_without_adapter_or_with_bad_custom_object_is_a_config_error() -> None:
     with pytest.raises((ConfigError, InvalidRequestError)):
         Executor(ExecutorConfig(), providers={"x": object()})  # type: ignore[dict-item]
+
+
+def test_unknown_fallback_name_is_a_config_error_naming_the_variable(fake: FakeProvider) -> None:
+    config = ExecutorConfig(providers={"fake": ProviderConfig()}, fallbacks=("fake", "gemni"))
+    with pytest.raises(ConfigError, match=r"LLM_EXECUTOR_FALLBACKS=.*'gemni'"):
+        Executor(config, {"fake": fake})
+
+
+def test_prometheus_export_can_be_enabled_again_after_shutdown(fake: FakeProvider) -> None:
+    prom = pytest.importorskip("prometheus_client")
+    registry = prom.CollectorRegistry()
+    for _ in range(2):  # a notebook cell run twice
+        with Executor(one(), {"fake": fake}) as ex:
+            ex.enable_prometheus(registry=registry)
+            ex.run(req())
+            text = prom.generate_latest(registry).decode()
+            assert 'llm_executor_requests_total{outcome="ok",provider="fake"} 1.0' in text
+            assert "llm_executor_attempts_total" in text
