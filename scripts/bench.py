@@ -46,6 +46,7 @@ from typing import Any
 import requests
 
 from llm_executor import Capabilities, Executor, ExecutorConfig, LLMRequest, LLMResponse, ProviderConfig
+from llm_executor.testing import max_in_window as max_window
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL = ("overhead", "http", "latency", "rate", "memory", "import")
@@ -98,17 +99,6 @@ class GateProvider(NoopProvider):
 
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
-
-
-def max_window(times: list[float], window_s: float = 1.0) -> int:
-    """The most starts in any sliding window of ``window_s`` (half-open, as the limiter counts)."""
-    times = sorted(times)
-    best, lo = 0, 0
-    for hi, t in enumerate(times):
-        while t - times[lo] >= window_s:
-            lo += 1
-        best = max(best, hi - lo + 1)
-    return best
 
 
 # --- result table -----------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 from llm_executor import Capabilities, Executor, ExecutorConfig, LLMRequest, LLMResponse, ProviderConfig
+from llm_executor.testing import max_in_window as max_window
 
 
 class NoopProvider:
@@ -56,16 +57,6 @@ class RecordingProvider(NoopProvider):
         if self.latency_s:
             time.sleep(self.latency_s)
         return self._resp
-
-
-def max_window(times: list[float], window_s: float = 1.0) -> int:
-    times = sorted(times)
-    best, lo = 0, 0
-    for hi, t in enumerate(times):
-        while t - times[lo] >= window_s:
-            lo += 1
-        best = max(best, hi - lo + 1)
-    return best
 
 
 def overhead_once(n: int, workers: int) -> tuple[float, float]:

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llm_executor.config import ExecutorConfig, ProviderConfig
 from llm_executor.errors import ConfigError, DeadlineExceededError
 from llm_executor.limits import LaneLimiter, make_lane_limiter
+from llm_executor.testing import max_in_window
 
 
 def _limiter(url: str, namespace: str, qps: float, burst: int | None = None) -> LaneLimiter:
@@ -91,15 +92,6 @@ def _worker(url: str, namespace: str, qps: float, threads: int, ready: object, g
         t.join()
     limiter.close()
     out.put(stamps)  # type: ignore[attr-defined]
-
-
-def max_in_window(stamps: list[float], window_s: float = 1.0) -> int:
-    stamps, best, lo = sorted(stamps), 0, 0
-    for hi, t in enumerate(stamps):
-        while t - stamps[lo] >= window_s:
-            lo += 1
-        best = max(best, hi - lo + 1)
-    return best
 
 
 def accuracy(url: str, qps: float, processes: int, threads: int, seconds: float) -> tuple[int, float]:

@@ -13,6 +13,9 @@ from typing import Any
 import pytest
 
 from llm_executor import Capabilities, LLMRequest, LLMResponse
+from llm_executor.testing import max_in_window
+
+__all__ = ["FakeProvider", "GateProvider", "fake", "gate", "llm_threads", "max_in_window", "req"]
 
 
 class FakeProvider:
@@ -105,17 +108,6 @@ def gate() -> GateProvider:
 
 def req(provider: str = "fake", prompt: str = "hi", **kw: Any) -> LLMRequest:
     return LLMRequest(provider=provider, model=kw.pop("model", "m"), prompt=prompt, **kw)
-
-
-def max_in_window(times: list[float], window_s: float = 1.0) -> int:
-    """The most timestamps in any half-open window of ``window_s`` seconds."""
-    times = sorted(times)
-    best, lo = 0, 0
-    for hi, t in enumerate(times):
-        while t - times[lo] >= window_s:
-            lo += 1
-        best = max(best, hi - lo + 1)
-    return best
 
 
 def llm_threads() -> list[threading.Thread]:

@@ -3,6 +3,7 @@
 * ``Emulator`` / ``ProviderSim``: a local HTTP server speaking the openai, gemini and ollama wire
   formats, with its own limits, seeded faults, a deterministic responder and a recorder.
 * ``ScriptedProvider``: a ``Provider`` that plays back a list of replies.
+* ``max_in_window``: the most timestamps in any sliding window, to assert a rate limit held.
 * ``serve``: run an emulator until Ctrl-C (the ``llm-executor emulate`` command).
 * The pytest fixture ``llm_emulator`` (``llm_executor.testing.pytest_plugin``) is registered by
   the package's ``pytest11`` entry point.
@@ -17,6 +18,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .audit import max_in_window
     from .emulator import FAULT_KINDS, PROVIDERS, Emulator, EmulatorStats, ProviderSim, RecordedRequest, serve
     from .responder import extract_entities, names_match, reply_text, value_for_schema
     from .scripted import ScriptedProvider, ScriptExhaustedError
@@ -31,6 +33,7 @@ __all__ = [
     "ScriptExhaustedError",
     "ScriptedProvider",
     "extract_entities",
+    "max_in_window",
     "names_match",
     "reply_text",
     "serve",
@@ -46,6 +49,7 @@ _HOMES = {
     "RecordedRequest": "emulator",
     "serve": "emulator",
     "extract_entities": "responder",
+    "max_in_window": "audit",
     "names_match": "responder",
     "reply_text": "responder",
     "value_for_schema": "responder",

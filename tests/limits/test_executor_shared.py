@@ -19,22 +19,13 @@ import pytest
 
 from llm_executor import Executor, ExecutorConfig, LLMRequest, ProviderConfig
 from llm_executor.errors import ConfigError, InvalidRequestError
+from llm_executor.testing import max_in_window
 
 from . import _exec_workers
 from ._exec_workers import StampProvider
 from .conftest import MakeLimiter
 
 CTX = multiprocessing.get_context("spawn")
-
-
-def _max_in_any_window(stamps: list[float], window_s: float = 1.0) -> int:
-    stamps = sorted(stamps)
-    best, lo = 0, 0
-    for hi, t in enumerate(stamps):
-        while t - stamps[lo] >= window_s:
-            lo += 1
-        best = max(best, hi - lo + 1)
-    return best
 
 
 def _max_overlap(spans: list[tuple[float, float]]) -> int:
@@ -79,7 +70,7 @@ def test_executors_in_several_processes_share_qps_and_use_it(shared_url: str, na
     stamps = [t for _, times in results for t in times]
     # Fairness between processes is not promised (a late starter may get little); sharing is.
     assert sum(1 for _, times in results if times) >= 2, "the budget was used by one process only"
-    assert _max_in_any_window(stamps) <= qps, f"{_max_in_any_window(stamps)} starts in one 1 s window"
+    assert max_in_window(stamps) <= qps, f"{max_in_window(stamps)} starts in one 1 s window"
     in_run = [t for t in stamps if t < start.value + duration_s]
     assert len(in_run) >= 0.9 * qps * duration_s, f"only {len(in_run)} starts in {duration_s}s at QPS={qps}"
 

@@ -15,21 +15,12 @@ import time
 import pytest
 
 from llm_executor.errors import DeadlineExceededError
+from llm_executor.testing import max_in_window
 
 from . import _workers
 from .conftest import MakeLimiter
 
 CTX = multiprocessing.get_context("spawn")
-
-
-def _max_in_any_window(stamps: list[float], window_s: float = 1.0) -> int:
-    stamps = sorted(stamps)
-    best, lo = 0, 0
-    for hi, t in enumerate(stamps):
-        while t - stamps[lo] >= window_s:
-            lo += 1
-        best = max(best, hi - lo + 1)
-    return best
 
 
 def _start(processes: list[multiprocessing.process.BaseProcess], ready: object,
@@ -58,7 +49,7 @@ def test_qps_shared_by_4_processes_x_8_threads_never_exceeds_limit(shared_url: s
         p.join(timeout=10)
         assert p.exitcode == 0
     in_run = [t for t in stamps if t < start.value + duration_s]
-    assert _max_in_any_window(stamps) <= qps
+    assert max_in_window(stamps) <= qps
     assert len(in_run) >= 0.9 * qps * duration_s, f"only {len(in_run)} starts in {duration_s}s at QPS={qps}"
 
 
