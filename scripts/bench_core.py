@@ -21,61 +21,21 @@ import json
 import math
 import statistics
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import wait
 from typing import Any
 
-from llm_executor import Capabilities, Executor, ExecutorConfig, LLMRequest, LLMResponse, ProviderConfig
+# One definition of the no-op provider and of the overhead measurement for both benches
+# (scripts/ is on sys.path when a script in it runs).
+from bench import NoopProvider, overhead_once
+
+from llm_executor import Executor, ExecutorConfig, LLMRequest, ProviderConfig
 from llm_executor.testing import max_in_window as max_window
 
 
-class NoopProvider:
-    name = "noop"
-
-    def __init__(self, latency_s: float = 0.0) -> None:
-        self.latency_s = latency_s
-        self.starts: list[float] = []
-        self._lock = threading.Lock()
-        self._resp = LLMResponse("", "noop", "m", "stop", None)
-
-    def capabilities(self) -> Capabilities:
-        return Capabilities()
-
-    def complete(self, request: LLMRequest) -> LLMResponse:
-        if self.latency_s:
-            with self._lock:
-                self.starts.append(time.monotonic())
-            time.sleep(self.latency_s)
-        return self._resp
-
-
 class RecordingProvider(NoopProvider):
-    def complete(self, request: LLMRequest) -> LLMResponse:
-        with self._lock:
-            self.starts.append(time.monotonic())
-        if self.latency_s:
-            time.sleep(self.latency_s)
-        return self._resp
-
-
-def overhead_once(n: int, workers: int) -> tuple[float, float]:
-    provider = NoopProvider()
-    request = LLMRequest("noop", "m", "p")
-    with ThreadPoolExecutor(workers) as tpe:
-        t0 = time.perf_counter()
-        futures = [tpe.submit(provider.complete, request) for _ in range(n)]
-        for f in futures:
-            f.result()
-        t_tpe = time.perf_counter() - t0
-    cfg = ExecutorConfig(providers={"noop": ProviderConfig(max_parallel=workers)}, queue_size=0)
-    with Executor(cfg, providers={"noop": provider}) as ex:
-        t0 = time.perf_counter()
-        futures = [ex.submit(request) for _ in range(n)]
-        for f in futures:
-            f.result()
-        t_exec = time.perf_counter() - t0
-    return t_exec, t_tpe
+    def __init__(self, latency_s: float = 0.0) -> None:
+        super().__init__(latency_s, record=True)
 
 
 def bench_overhead(n: int, runs: int, workers: int) -> dict[str, Any]:
