@@ -656,6 +656,9 @@ class Executor:
 
     def _capable(self, lane: _Lane, request: LLMRequest, schema: dict[str, Any] | None) -> str | None:
         """Why ``lane`` cannot serve ``request`` as "auto"/fallback, or None when it can."""
+        is_configured = getattr(lane.provider, "is_configured", None)
+        if callable(is_configured) and not is_configured():
+            return f"{lane.name}: not configured (no API key)"
         if request.model and request.model in lane.caps.models:
             model = request.model
         elif lane.pcfg.model:

@@ -14,7 +14,13 @@ import pytest
 
 from llm_executor import Executor, ExecutorConfig, LLMRequest, ProviderConfig
 from llm_executor.cli import main
-from llm_executor.errors import ContentBlockedError, ProviderError, RateLimitedError, SchemaValidationError
+from llm_executor.errors import (
+    ContentBlockedError,
+    InvalidRequestError,
+    ProviderError,
+    RateLimitedError,
+    SchemaValidationError,
+)
 from llm_executor.testing import Emulator, ProviderSim, extract_entities
 
 PROVIDERS = ["openai", "gemini", "ollama"]
@@ -198,3 +204,17 @@ def test_run_and_check_against_the_emulator(tmp_path: Path, monkeypatch: pytest.
         assert sorted(o["id"] for o in out) == [f"r{i}" for i in range(5)] and all(o["ok"] for o in out)
         assert main(["run", "in.jsonl", "-o", "out.jsonl", "-q"]) == 1  # resumed: nothing new, bad line again
         assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 5
+
+
+def test_auto_skips_a_provider_without_its_api_key() -> None:
+    with Emulator({"ollama": ProviderSim()}) as emu:
+        cfg = ExecutorConfig(providers={
+            "openai": ProviderConfig(model="gpt-4o-mini"),  # api.openai.com and no key: not usable
+            "ollama": ProviderConfig(base_url=emu.url("ollama"), model="llama3.2"),
+        })
+        with Executor(cfg) as ex:
+            ex._lanes["ollama"].paused_until = 0.0
+            assert ex.run(LLMRequest("auto", "", "hi"), timeout=10).provider == "ollama"
+    only_openai = ExecutorConfig(providers={"openai": ProviderConfig(model="gpt-4o-mini")})
+    with Executor(only_openai) as ex, pytest.raises(InvalidRequestError, match="openai: not configured"):
+        ex.submit(LLMRequest("auto", "", "hi"))

@@ -584,6 +584,17 @@ class HTTPProvider(abc.ABC):
         raise ProviderError(f"{self.name}: malformed response: {reason}", provider=self.name,
                             status=200, request_id=request_id, retryable=False)
 
+    def _check_key(self) -> None:  # noqa: B027 - a hook: adapters whose host needs a key override it
+        """Raise ``missing_key_error`` when a call would need a key that is not configured."""
+
+    def is_configured(self) -> bool:
+        """Whether a call could be sent (the key is there where one is needed); no network."""
+        try:
+            self._check_key()
+        except ProviderError:
+            return False
+        return True
+
     def missing_key_error(self, *variables: str) -> ProviderError:
         """The error for a call that needs a key nobody configured (names the variables)."""
         names = " or ".join((*variables, f"LLM_EXECUTOR_{self.name.upper()}_API_KEY"))
