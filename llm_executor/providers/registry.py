@@ -35,12 +35,12 @@ def create_builtin(name: str, config: ProviderConfig) -> Provider:
     """Build the built-in adapter ``name`` for ``config``.
 
     Raises:
-        ConfigError: ``name`` is a built-in without an adapter yet, or not a built-in at all.
+        ConfigError: ``name`` is not a built-in provider.
     """
     factory = _factories().get(name)
     if factory is None:
         raise ConfigError(
-            f"provider {name!r} is configured but has no adapter: pass one with "
-            f"Executor(cfg, providers={{{name!r}: obj}}) or remove it from LLM_EXECUTOR_PROVIDERS"
+            f"provider {name!r} is configured but has no adapter (built-in: {', '.join(BUILTIN_PROVIDER_NAMES)}): "
+            f"pass one with Executor(cfg, providers={{{name!r}: obj}}) or remove it from LLM_EXECUTOR_PROVIDERS"
         )
     return factory(name, config)
