@@ -90,8 +90,8 @@ class _Item:
     """One accepted request on its way through a lane (slots: ~200 bytes per queued request)."""
 
     __slots__ = (
-        "__weakref__", "attempts_before", "auto", "deadline", "future", "key", "lane", "queue_len", "request",
-        "schema", "seq", "settled", "started", "state", "submit_s", "tried",
+        "__weakref__", "attempts_before", "auto", "deadline", "future", "lane", "queue_len", "request",
+        "schema", "settled", "started", "state", "submit_s", "tried",
     )
 
     def __init__(self, request: LLMRequest, future: _LLMFuture, lane: _Lane, schema: dict[str, Any] | None,
@@ -103,8 +103,6 @@ class _Item:
         self.submit_s = submit_s
         self.deadline = deadline
         self.state = _QUEUED
-        self.key = 0.0
-        self.seq = 0
         self.queue_len = 0
         self.started = False
         self.attempts_before = 0
@@ -185,12 +183,11 @@ class _Lane:
 
     def push_locked(self, item: _Item, seq: int) -> bool:
         """Queue ``item``; returns True when a new worker loop must be started."""
-        item.seq = seq
         # Aging as a static key: priority p+1 counts as if submitted aging_s earlier, so a waiting
         # request gains one step per aging_s and the heap never needs re-sorting.
-        item.key = item.submit_s - item.request.priority * self.aging_s
+        key = item.submit_s - item.request.priority * self.aging_s
         item.queue_len = self.pending
-        heapq.heappush(self.heap, (item.key, seq, item))
+        heapq.heappush(self.heap, (key, seq, item))
         self.pending += 1
         self.submitted += 1
         if self.idle > self.wakeups:
@@ -707,10 +704,10 @@ class Executor:
         with lane.lock:
             if not lane.has_room():
                 if not block:
+                    retry_after_s = lane.retry_after_estimate_s()
                     raise QueueFullError(
                         f"{lane.name} queue is full ({lane.capacity} requests waiting); retry after "
-                        f"~{lane.retry_after_estimate_s():.2f}s", retry_after_s=lane.retry_after_estimate_s(),
-                        provider=lane.name)
+                        f"~{retry_after_s:.2f}s", retry_after_s=retry_after_s, provider=lane.name)
                 if block_timeout is not None:
                     block_timeout = min(block_timeout, threading.TIMEOUT_MAX)
                 if not lane.not_full.wait_for(lane.has_room, timeout=block_timeout):

@@ -170,13 +170,23 @@ def test_blocked_submit_is_released_by_shutdown(gate: GateProvider) -> None:
         except BaseException as exc:
             errors.append(exc)
 
+    waiting = threading.Event()
+    not_full = ex._lanes["gate"].not_full
+    wait_for = not_full.wait_for
+
+    def signalling_wait_for(*args: Any, **kwargs: Any) -> Any:
+        waiting.set()
+        return wait_for(*args, **kwargs)
+
+    not_full.wait_for = signalling_wait_for  # type: ignore[method-assign]
     t = threading.Thread(target=blocked_submit)
     t.start()
-    time.sleep(0.05)
+    assert waiting.wait(5), "the third submit never blocked"
     gate.gate.set()
     ex.shutdown(wait=True, cancel_futures=True)
     t.join(5)
     assert not t.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], ExecutorShutdownError)
 
 
 # -- priority ----------------------------------------------------------------------------------
@@ -323,14 +333,19 @@ def test_shutdown_cancel_futures_cancels_queued_and_no_thread_outlives_it(gate: 
 
 
 def test_shutdown_interrupts_a_retry_backoff() -> None:
-    provider = FakeProvider(reply=lambda r: ProviderUnavailableError("503", status=503, retry_after_s=None))
+    called = threading.Event()
+
+    def reply(request: LLMRequest) -> BaseException:
+        called.set()
+        return ProviderUnavailableError("503", status=503, retry_after_s=None)
+
+    provider = FakeProvider(reply=reply)
     config = ExecutorConfig(providers={"fake": ProviderConfig(max_retries=5, backoff_max_s=60)})
     ex = Executor(config, {"fake": provider})
     lane = ex._lanes["fake"]
     lane.retry.wait.fallback = lambda state: 60.0  # a long backoff
     f = ex.submit(req())
-    while ex.stats()["fake"].attempts < 1:
-        time.sleep(0.005)
+    assert called.wait(5)
     t0 = time.monotonic()
     ex.shutdown(wait=True, cancel_futures=True)
     assert time.monotonic() - t0 < 5

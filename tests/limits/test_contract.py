@@ -17,6 +17,17 @@ from llm_executor.limits import lane_key
 from .conftest import MakeLimiter
 
 
+class _SignallingEvent(threading.Event):
+    """An Event that says when somebody starts waiting on it (no sleep needed to know)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waiting.set()
+        return super().wait(timeout)
+
 def test_qps_tokens_are_free_up_to_the_limit_then_wait(backend_url: str, make_limiter: MakeLimiter) -> None:
     limiter = make_limiter(backend_url, qps=5, burst=5)
     assert limiter.is_limited
@@ -69,7 +80,7 @@ def test_acquire_fails_fast_when_the_token_comes_after_the_deadline(backend_url:
 
 def test_acquire_wait_ends_when_stopping_is_set(backend_url: str, make_limiter: MakeLimiter) -> None:
     limiter = make_limiter(backend_url, qps=1)
-    stopping = threading.Event()
+    stopping = _SignallingEvent()
     limiter.acquire(stopping)
     errors: list[BaseException] = []
 
@@ -81,7 +92,7 @@ def test_acquire_wait_ends_when_stopping_is_set(backend_url: str, make_limiter: 
 
     waiter = threading.Thread(target=wait)
     waiter.start()
-    time.sleep(0.05)  # let it start its wait; the assertion below does not depend on it
+    assert stopping.waiting.wait(5), "the second acquire never started waiting"
     stopping.set()
     waiter.join(timeout=0.5)
     assert not waiter.is_alive()
