@@ -24,7 +24,10 @@ __all__ = [
     "BUILTIN_PROVIDER_NAMES",
     "DEFAULT_PROVIDERS",
     "ExecutorConfig",
+    "PROVIDER_KEY_VARIABLES",
     "ProviderConfig",
+    "api_key_from_env",
+    "key_variables",
     "mask_url",
 ]
 
@@ -247,6 +250,33 @@ class ExecutorConfig:
         return _EnvReader(env).config()
 
 
+# The providers' own key variables, after LLM_EXECUTOR_<NAME>_API_KEY, in the order they are read.
+PROVIDER_KEY_VARIABLES: Mapping[str, tuple[str, ...]] = {
+    "openai": ("OPENAI_API_KEY",),
+    "gemini": ("GEMINI_API_KEY", "GOOGLE_API_KEY"),
+    "ollama": ("OLLAMA_API_KEY",),
+}
+
+
+def key_variables(name: str) -> tuple[str, ...]:
+    """The variables a key for provider ``name`` is read from, first match wins."""
+    return (f"LLM_EXECUTOR_{name.upper()}_API_KEY", *PROVIDER_KEY_VARIABLES.get(name, ()))
+
+
+def api_key_from_env(name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The key ``from_env`` would give provider ``name``: the environment, then a ``.env`` file.
+
+    A ``ProviderConfig(api_key=None)`` built in code gets its key here (issue 10, item 8), so the
+    README quick start works with ``OPENAI_API_KEY`` set.
+    """
+    env = _read_dotenv(None) if environ is None else {}
+    env.update(os.environ if environ is None else environ)
+    for var in key_variables(name):
+        if env.get(var):
+            return env[var]
+    return None
+
+
 def _valid_backend(url: str) -> bool:
     return url == "memory" or url.startswith(("sqlite:///", "redis://", "rediss://", "unix://"))
 
@@ -372,24 +402,21 @@ class _EnvReader:
             pairs.append(("reasoning_models", tuple(m.strip() for m in reasoning.split(",") if m.strip())))
         base_url = self._raw(p + "BASE_URL")
         base_var = p + "BASE_URL"
-        key = self.secret(p + "API_KEY")
+        key = self.secret(*key_variables(name))
         options: dict[str, str] = {}
         if name == "openai":
             if base_url is None and self._raw("OPENAI_BASE_URL") is not None:
                 base_url, base_var = self._raw("OPENAI_BASE_URL"), "OPENAI_BASE_URL"
-            key = key or self.secret("OPENAI_API_KEY")
             for opt, var in (("organization", "OPENAI_ORG_ID"), ("project", "OPENAI_PROJECT_ID")):
                 if self._raw(var):
                     options[opt] = self._raw(var) or ""
         elif name == "gemini":
             if base_url is None and self._raw("GOOGLE_GEMINI_BASE_URL") is not None:
                 base_url, base_var = self._raw("GOOGLE_GEMINI_BASE_URL"), "GOOGLE_GEMINI_BASE_URL"
-            key = key or self.secret("GEMINI_API_KEY", "GOOGLE_API_KEY")
         elif name == "ollama":
             host = self._raw("OLLAMA_HOST")
             if base_url is None and host is not None:
                 base_url, base_var = host, "OLLAMA_HOST"
-            key = key or self.secret("OLLAMA_API_KEY")
         if base_url is not None:
             if not re.match(r"^(https?://)?[^\s]+$", base_url):
                 raise self._fail(base_var, base_url, "a URL such as https://host/v1")

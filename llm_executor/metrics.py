@@ -9,6 +9,7 @@ Imports: stdlib only (prometheus-client lazily, in ``PrometheusExporter``).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter, deque
@@ -20,6 +21,8 @@ __all__ = ["ExecutorStats", "LaneMetrics", "PrometheusExporter", "ProviderStats"
 
 _RECENT = 2048  # latencies kept for p50/p95: bounded memory, recent behaviour
 
+log = logging.getLogger("llm_executor")
+
 
 @dataclass(frozen=True)
 class ProviderStats:
@@ -29,7 +32,8 @@ class ProviderStats:
         provider: lane name.
         queued: requests accepted but not started.
         in_flight: provider calls running now.
-        submitted: requests accepted (fallbacks into this lane included).
+        submitted: requests accepted from callers (fallbacks into this lane are ``fallbacks_in``).
+        fallbacks_in: requests another lane handed to this one after its retryable failures.
         completed: requests that ended with a response.
         failed: requests that ended with an exception; ``failed_by_error`` splits it by class.
         cancelled: requests cancelled before they started.
@@ -44,6 +48,10 @@ class ProviderStats:
         max_starts_1s: the most attempt starts in any sliding 1 s window.
         max_parallel / qps: the configured limits, for comparison.
         paused_until: wall-clock time (epoch s) until which a 429 paused the lane, or None.
+        tpm_reserved: TPM tokens reserved by attempts waiting or running now (0 when idle).
+
+    Each request is counted once, by the lane that settled it: ``completed + failed + cancelled``
+    summed over lanes equals what callers saw, fallbacks included.
     """
 
     provider: str
@@ -69,6 +77,8 @@ class ProviderStats:
     max_parallel: int = 0
     qps: float | None = None
     paused_until: float | None = None
+    fallbacks_in: int = 0
+    tpm_reserved: int = 0
 
     @property
     def finished(self) -> int:
@@ -141,7 +151,27 @@ class LaneMetrics:
         self.max_in_flight = 0
         self._starts: deque[float] = deque()
         self.max_starts_1s = 0
+        self.tpm_reserved = 0
         self.listeners: list[Callable[[str, str, float | None], None]] = []
+
+    def after_fork(self) -> None:
+        """In a forked child: a fresh lock, and no calls in flight (they were the parent's)."""
+        self._lock = threading.Lock()
+        self.in_flight = 0
+        self.tpm_reserved = 0
+
+    def _notify(self, outcome: str, latency_ms: float | None) -> None:
+        # A listener that raises must not strand the Future being settled (issue 10, item 9).
+        for listener in list(self.listeners):
+            try:
+                listener(self.name, outcome, latency_ms)
+            except Exception:
+                log.exception("metrics listener %r failed on %s", listener, self.name)
+
+    def on_tpm_reserved(self, tokens: int) -> None:
+        """TPM tokens reserved (> 0) or given back / settled (< 0) by an attempt."""
+        with self._lock:
+            self.tpm_reserved += tokens
 
     def on_attempt_start(self, is_retry: bool, queue_ms: float | None = None) -> None:
         """An attempt starts; ``queue_ms`` is given on a request's first attempt."""
@@ -184,21 +214,20 @@ class LaneMetrics:
             self.latency_n += 1
             self.recent_ms.append(latency_ms)
         if self.listeners:
-            for listener in self.listeners:
-                listener(self.name, "ok", latency_ms)
+            self._notify("ok", latency_ms)
 
     def on_failure(self, error: BaseException) -> None:
         name = type(error).__name__
         with self._lock:
             self.failed[name] += 1
-        for listener in self.listeners:
-            listener(self.name, name, None)
+        if self.listeners:
+            self._notify(name, None)
 
     def on_cancel(self) -> None:
         with self._lock:
             self.cancelled += 1
-        for listener in self.listeners:
-            listener(self.name, "cancelled", None)
+        if self.listeners:
+            self._notify("cancelled", None)
 
     def on_fallback(self) -> None:
         with self._lock:
@@ -209,7 +238,8 @@ class LaneMetrics:
         with self._lock:
             return self.latency_sum_ms / self.latency_n / 1000.0 if self.latency_n else None
 
-    def snapshot(self, queued: int, submitted: int, paused_until: float | None) -> ProviderStats:
+    def snapshot(self, queued: int, submitted: int, paused_until: float | None,
+                 fallbacks_in: int = 0) -> ProviderStats:
         with self._lock:
             recent = sorted(self.recent_ms)
             failed = dict(self.failed)
@@ -237,6 +267,8 @@ class LaneMetrics:
                 max_parallel=self.max_parallel,
                 qps=self.qps,
                 paused_until=paused_until,
+                fallbacks_in=fallbacks_in,
+                tpm_reserved=self.tpm_reserved,
             )
 
 

@@ -111,6 +111,18 @@ class LLMRequest:
                 f"LLMRequest.metadata must be a mapping, got {type(self.metadata).__name__}", field="metadata"
             )
 
+    def for_attempt(self, *, provider: str, model: str, request_id: str, prompt: str,
+                    max_output_tokens: int | None, json_schema: Mapping[str, Any] | None,
+                    timeout: float | None) -> LLMRequest:
+        """The copy one provider attempt receives: resolved names, the time left as ``timeout``.
+
+        Cheaper than ``dataclasses.replace`` (no field introspection) on the per-attempt path.
+        """
+        return LLMRequest(provider=provider, model=model, prompt=prompt, system=self.system,
+                          max_output_tokens=max_output_tokens, temperature=self.temperature,
+                          json_schema=json_schema, request_id=request_id, priority=self.priority,
+                          timeout=timeout, metadata=self.metadata)
+
 
 @dataclass(frozen=True, slots=True)
 class LLMResponse:
@@ -147,6 +159,15 @@ class LLMResponse:
     queue_ms: float = 0.0
     attempts: int = 0
     data: Any = field(default=None, hash=False, compare=False)
+
+    def completed(self, *, provider: str, request_id: str, latency_ms: float, queue_ms: float, attempts: int,
+                  data: Any) -> LLMResponse:
+        """The copy the caller receives: the provider's fields plus what the executor measured."""
+        return LLMResponse(text=self.text, provider=provider, model=self.model, finish_reason=self.finish_reason,
+                           usage_tokens=self.usage_tokens, raw_finish_reason=self.raw_finish_reason,
+                           prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                           request_id=request_id, latency_ms=latency_ms, queue_ms=queue_ms, attempts=attempts,
+                           data=data)
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,17 +84,21 @@ def _validator_for(schema: Mapping[str, Any]) -> Validator:
     return validator
 
 
-def check_capabilities(request: LLMRequest, caps: Capabilities, provider: str) -> None:
+def check_capabilities(request: LLMRequest, caps: Capabilities, provider: str, model: str | None = None) -> None:
     """Reject a request the provider cannot serve (today: too many output tokens).
+
+    Args:
+        model: the model the request will be served with (default ``request.model``).
 
     Raises:
         InvalidRequestError: naming ``max_output_tokens`` and the provider's cap.
     """
-    cap = caps.max_output_tokens_for(request.model)
+    model = request.model if model is None else model
+    cap = caps.max_output_tokens_for(model)
     if request.max_output_tokens is not None and cap is not None and request.max_output_tokens > cap:
         raise InvalidRequestError(
             f"LLMRequest.max_output_tokens={request.max_output_tokens} exceeds {provider}'s "
-            f"limit for model {request.model or '(default)'!r}: expected at most {cap}",
+            f"limit for model {model or '(default)'!r}: expected at most {cap}",
             field="max_output_tokens",
         )
 

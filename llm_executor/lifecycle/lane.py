@@ -1,0 +1,362 @@
+"""One provider's lane: the bounded heap, admission, worker accounting, the 429 pause.
+
+Why a lane never over-fills: a ThreadPoolExecutor's own work queue is unbounded, so we never
+hand it requests. The lane starts at most MAX_PARALLEL worker loops in its pool; each loop takes
+the best request from the lane's bounded heap when it is ready to serve one, and leaves when
+the heap stays empty for a moment. The heap is the only queue, and admission bounds it.
+
+Worker accounting is the lane's alone and cannot drift (issue 11, item 5): a loop counts itself
+``active`` when it starts *inside its own thread*, and refuses to run when MAX_PARALLEL loops are
+active already. ``scheduled`` (loops handed to the pool, not yet started) only avoids starting
+too many; if Ctrl-C lands while the pool starts a thread, at worst one extra loop is scheduled,
+and it leaves at once. So MAX_PARALLEL holds whatever the pool's own bookkeeping believes.
+
+Idle loops linger on a SimpleQueue (cheap to wake) for new work before giving their thread back:
+a steady stream of requests then never pays a pool.submit() per request.
+Imports: ``config``, ``errors``, ``metrics``, ``limits``, ``retry``, ``providers.protocol``, ``.request``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from ..config import ExecutorConfig, ProviderConfig
+from ..errors import ExecutorShutdownError, QueueFullError
+from ..metrics import LaneMetrics
+from ..providers.protocol import Provider
+from ..types import Capabilities
+from .request import QUEUED, REMOVED, TAKEN, Request
+
+if TYPE_CHECKING:
+    from ..limits import LaneLimiter
+    from ..retry import RetryPolicy
+
+__all__ = ["LINGER_S", "Lane"]
+
+log = logging.getLogger("llm_executor")
+
+# An idle worker waits this long for new work before giving its thread back to the pool.
+LINGER_S = 0.05
+# Before the first response, how long one provider call is assumed to take (for estimates).
+_ASSUMED_CALL_S = 0.5
+
+
+class Lane:
+    """One provider's lane: heap, admission, workers, limiter, metrics, retry policy, pause.
+
+    Args:
+        name: the provider (lane) name.
+        provider: the adapter or custom provider.
+        pcfg / ecfg: the lane's and the executor's configuration.
+        limiter: the lane's rate limits (``limits.make_lane_limiter``).
+        retry: the lane's retry policy.
+        builtin: the provider is a built-in adapter (it needs a model name).
+        clock: monotonic seconds (injectable; deadlines and aging use it).
+    """
+
+    def __init__(self, name: str, provider: Provider, pcfg: ProviderConfig, ecfg: ExecutorConfig,
+                 limiter: LaneLimiter, retry: RetryPolicy, builtin: bool,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self.provider = provider
+        self.pcfg = pcfg
+        self.builtin = builtin
+        self.capacity = ecfg.queue_size
+        self.aging_s = ecfg.priority_aging_s
+        self.max_parallel = pcfg.max_parallel
+        self.caps: Capabilities = provider.capabilities()
+        self.limiter = limiter
+        # No rate, budget or global cap: an attempt skips the reservation machinery entirely.
+        self.unlimited = not limiter.is_limited
+        self.retry = retry
+        self.metrics = LaneMetrics(name, pcfg.max_parallel, pcfg.qps)
+        self.clock = clock
+        self._reset_threading()
+        self.submitted = 0  # guarded by lock; requests accepted from callers
+        self.received = 0  # guarded by lock; requests handed over by another lane (fallbacks)
+        # Token waits seen by workers (EWMA, seconds): "auto" routing reads this instead of asking
+        # a shared store on the caller's thread (issue 11, item 3: submit() returns at once).
+        self.token_wait_s = 0.0
+
+    def _reset_threading(self) -> None:
+        """Fresh locks, heap, counters and pool (at start, and in a forked child)."""
+        self.pool = ThreadPoolExecutor(max_workers=self.max_parallel, thread_name_prefix=f"llm-executor-{self.name}")
+        self.lock = threading.Lock()
+        self.not_full = threading.Condition(self.lock)
+        self.heap: list[tuple[float, int, Request]] = []
+        self.pending = 0  # requests QUEUED in the heap (admission bounds it)
+        self.active = 0  # worker loops running (each counted by its own thread)
+        self.scheduled = 0  # worker loops handed to the pool, not yet running
+        self.idle = 0  # active loops lingering for work
+        self.wakeups = 0  # wake tokens put for lingering loops, not yet taken
+        self.wake: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self.closed = False
+        self.paused_until = 0.0  # clock value
+        self._room_watchers: list[Callable[[], None]] = []
+
+    # -- admission -----------------------------------------------------------------------------
+
+    def has_room(self) -> bool:
+        """Room for one more request (caller holds ``lock``); a closed lane has room to say so."""
+        return self.closed or self.capacity == 0 or self.pending < self.capacity
+
+    def admit(self, request: Request, seq: int, *, block: bool, timeout_s: float | None,
+              watcher: Callable[[], None] | None = None) -> bool:
+        """Queue a caller's request, applying backpressure.
+
+        Args:
+            request: the new request.
+            seq: a tie-breaker, increasing in submission order.
+            block: wait for room ("block" backpressure) instead of failing at once.
+            timeout_s: the longest wait when blocking (None = forever).
+            watcher: when the lane is full and not blocking, call this (once, from the thread that
+                frees a slot; it must not block) — how async callers wait for room.
+
+        Returns:
+            True when the caller must start a worker loop (``start_worker``).
+
+        Raises:
+            QueueFullError: the queue is full (at once, or after ``timeout_s``).
+            ExecutorShutdownError: the lane is closed.
+        """
+        with self.lock:
+            if not self.has_room():
+                if not block:
+                    if watcher is not None:
+                        self._room_watchers.append(watcher)
+                    raise self._queue_full(waited_s=None)
+                if timeout_s is not None:
+                    timeout_s = min(timeout_s, threading.TIMEOUT_MAX)
+                if not self.not_full.wait_for(self.has_room, timeout=timeout_s):
+                    raise self._queue_full(waited_s=timeout_s)
+            if self.closed:
+                raise ExecutorShutdownError("submit() after shutdown()")
+            request.queue_len = self.pending
+            self.submitted += 1
+            return self._push_locked(request, seq)
+
+    def offer(self, request: Request, seq: int, model: str) -> tuple[bool, bool]:
+        """Take over a request another lane gives up on (a fallback), if there is room now.
+
+        Never blocks: the caller is a worker of another lane. The request keeps its Future and
+        its settle authority; it is re-pointed here under this lane's lock.
+
+        Returns:
+            (accepted, start a worker loop).
+        """
+        with self.lock:
+            if self.closed or not self.has_room():
+                return False, False
+            request.move_to(self.name, self.metrics, model)
+            self.received += 1
+            return True, self._push_locked(request, seq)
+
+    def _push_locked(self, request: Request, seq: int) -> bool:
+        # Aging as a static key: priority p+1 counts as if submitted aging_s earlier, so a waiting
+        # request gains one step per aging_s and the heap never needs re-sorting.
+        key = request.submit_s - request.request.priority * self.aging_s
+        request.owner = self
+        request.heap_state = QUEUED
+        request.dequeue = self.remove
+        heapq.heappush(self.heap, (key, seq, request))
+        self.pending += 1
+        if self.idle > self.wakeups:
+            # A lingering loop takes it: cheaper than handing the pool a new loop. One wake-up per
+            # request, so a burst still starts up to MAX_PARALLEL loops.
+            self.wakeups += 1
+            self.wake.put(None)
+            return False
+        if self.active + self.scheduled < self.max_parallel:
+            self.scheduled += 1
+            return True
+        return False
+
+    def _queue_full(self, waited_s: float | None) -> QueueFullError:
+        retry_after_s = self.retry_after_estimate_s()
+        if waited_s is None:
+            message = (f"{self.name} queue is full ({self.capacity} requests waiting); a slot frees in "
+                       f"~{retry_after_s:.2f}s. Ways out: Executor.map() (it waits for room), "
+                       f"LLM_EXECUTOR_BACKPRESSURE=block, or a larger LLM_EXECUTOR_QUEUE_SIZE")
+        else:
+            message = (f"{self.name} queue still full ({self.capacity} requests waiting) after {waited_s}s "
+                       f"(LLM_EXECUTOR_BLOCK_TIMEOUT); a slot frees in ~{retry_after_s:.2f}s")
+        return QueueFullError(message, retry_after_s=retry_after_s, provider=self.name)
+
+    def _room_freed_locked(self) -> None:
+        self.not_full.notify()
+        if self._room_watchers:
+            self._room_watchers.pop(0)()
+
+    # -- taking requests off the heap ----------------------------------------------------------
+
+    def _pop_locked(self) -> Request | None:
+        heap = self.heap
+        while heap:
+            request = heapq.heappop(heap)[2]
+            if request.heap_state != QUEUED or request.owner is not self:
+                continue  # removed earlier (lazy deletion), or moved on
+            request.heap_state = TAKEN
+            request.dequeue = None
+            self.pending -= 1
+            self._room_freed_locked()
+            if request.settled and request.started:
+                continue  # a fallback the reaper already failed: drop it, its slot is free now
+            return request
+        return None
+
+    def remove(self, request: Request) -> bool:
+        """Take ``request`` out of the queue if it is still there (True: the caller owns it now)."""
+        with self.lock:
+            if request.owner is not self or request.heap_state != QUEUED:
+                return False
+            request.heap_state = REMOVED
+            request.dequeue = None
+            self.pending -= 1
+            self._room_freed_locked()
+            if not self.pending:
+                self.heap.clear()
+            return True
+
+    def drain(self) -> list[Request]:
+        """Take every queued request off the heap (a cancelling shutdown owns them then)."""
+        with self.lock:
+            out = []
+            for _, _, request in self.heap:
+                if request.owner is self and request.heap_state == QUEUED:
+                    request.heap_state = REMOVED
+                    request.dequeue = None
+                    out.append(request)
+            self.heap.clear()
+            self.pending = 0
+            self.not_full.notify_all()
+            self._fire_all_watchers_locked()
+            return out
+
+    # -- worker accounting ---------------------------------------------------------------------
+
+    def worker_enter(self) -> bool:
+        """Count the calling loop as active; False when it must leave at once (cap reached)."""
+        with self.lock:
+            if self.scheduled:
+                self.scheduled -= 1
+            if self.active >= self.max_parallel or not self.pending:
+                return False
+            self.active += 1
+            return True
+
+    def next_request(self) -> Request | None:
+        """The next request for an active loop; None when the loop must leave (it is uncounted)."""
+        while True:
+            with self.lock:
+                request = self._pop_locked()
+                if request is not None:
+                    return request
+                if self.closed:
+                    self.active -= 1
+                    return None
+                self.idle += 1
+            try:
+                self.wake.get(timeout=LINGER_S)
+                got = True
+            except queue.Empty:
+                got = False
+            with self.lock:
+                self.idle -= 1
+                if got:
+                    self.wakeups -= 1
+                if self.pending or (got and not self.closed):
+                    continue
+                self.active -= 1
+                return None
+
+    def unschedule(self) -> None:
+        """A loop handed to the pool did not start (the pool refused it, or Ctrl-C hit)."""
+        with self.lock:
+            if self.scheduled:
+                self.scheduled -= 1
+
+    def has_workers(self) -> bool:
+        with self.lock:
+            return bool(self.active or self.scheduled)
+
+    # -- shutdown --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Refuse new requests; wake blocked submitters, async watchers and lingering loops."""
+        with self.lock:
+            self.closed = True
+            self.not_full.notify_all()
+            self._fire_all_watchers_locked()
+            for _ in range(self.idle - self.wakeups):
+                self.wakeups += 1
+                self.wake.put(None)
+
+    def _fire_all_watchers_locked(self) -> None:
+        watchers, self._room_watchers = self._room_watchers, []
+        for watcher in watchers:
+            watcher()
+
+    def discard_after_fork(self) -> int:
+        """In a forked child: forget the parent's queue and threads; returns the queue length."""
+        dropped = self.pending
+        self._reset_threading()
+        self.metrics.after_fork()
+        self.token_wait_s = 0.0
+        return dropped
+
+    # -- pause after a 429 ------------------------------------------------------------------------
+
+    def pause(self, seconds: float) -> None:
+        """Hold every worker of this lane for ``seconds`` (the provider said 429 + Retry-After)."""
+        until = self.clock() + seconds
+        with self.lock:
+            if until <= self.paused_until:
+                return
+            self.paused_until = until
+        log.warning("lane %s paused for %.2fs after a rate-limit answer", self.name, seconds,
+                    extra={"provider": self.name, "pause_s": round(seconds, 3)})
+
+    def pause_remaining_s(self) -> float:
+        return max(0.0, self.paused_until - self.clock())
+
+    def paused_until_wall(self) -> float | None:
+        remaining = self.paused_until - self.clock()
+        return time.time() + remaining if remaining > 0 else None
+
+    # -- estimates (no I/O, no provider call) ----------------------------------------------------
+
+    def note_token_wait(self, waited_s: float) -> None:
+        """Fold a worker's rate-token wait into the estimate "auto" routing reads."""
+        self.token_wait_s += 0.2 * (waited_s - self.token_wait_s)
+
+    def _call_s(self) -> float:
+        return self.metrics.mean_latency_s() or _ASSUMED_CALL_S
+
+    def retry_after_estimate_s(self) -> float:
+        """Until the next queue slot frees (the next start), for QueueFullError.retry_after_s.
+
+        A slot frees when a worker takes the next request: with every worker busy, about one
+        call time divided by MAX_PARALLEL; under a QPS, at least 1/QPS. Before the first
+        response the call time is assumed (0.5 s) — not the whole queue's drain time, which swung
+        the estimate 80× (issue 14).
+        """
+        by_workers = self._call_s() / self.max_parallel
+        by_rate = 1.0 / self.pcfg.qps if self.pcfg.qps else 0.0
+        return round(max(0.05, by_workers, by_rate, self.pause_remaining_s()), 3)
+
+    def expected_start_s(self) -> float:
+        """Expected wait before a new request would start here (for provider "auto")."""
+        call_s = self._call_s()
+        with self.lock:
+            backlog = self.pending + self.metrics.in_flight - self.max_parallel + 1
+            pending = self.pending
+        by_workers = max(0.0, backlog / self.max_parallel * call_s)
+        by_rate = (pending / self.pcfg.qps) if self.pcfg.qps else 0.0
+        return max(by_workers, by_rate) + self.pause_remaining_s() + self.token_wait_s
