@@ -10,6 +10,8 @@ QPS (the emulator enforces the same limits, so an overshoot shows in its record)
 accepted calls faulted (429 with Retry-After, 500, 503, hangs cut by the ProviderConfig timeout,
 malformed JSON, slow, truncated and blocked replies); a custom lane ``crashy`` whose provider
 sometimes raises a ``BaseException`` subclass, a plain bug (RuntimeError) or a retryable error.
+The HTTP lanes fall back to one another (``LLM_EXECUTOR_FALLBACKS=openai,gemini,ollama``,
+``fallback=True``) after retryable failures, so requests change lanes mid-flight.
 Four submitter threads push requests with ``backpressure="block"``; some carry a deadline
 (``request.timeout``), some a JSON schema, some are cancelled (at once, later, or twice from
 another thread). When 80 % have been submitted another thread calls
@@ -20,8 +22,10 @@ What is checked (the exit status is 0 only when all hold):
   resolved_once   every accepted Future is done and its done-callbacks ran exactly once;
   cf_wait_sees_all  ``concurrent.futures.wait()`` counts every one of them as done (a cancelled
                   Future must reach CANCELLED_AND_NOTIFIED, else wait()/as_completed() block);
-  stats_match     ``stats()`` per lane equals what the callers saw on their Futures
-                  (submitted, completed, failed by error class, cancelled; nothing queued or in flight);
+  stats_match     ``stats()`` equals what the callers saw on their Futures: per lane the requests
+                  submitted; over all lanes (a fallback settles on the lane that served it last)
+                  completed, failed by error class and cancelled; fallbacks handed on == fallbacks
+                  received; nothing queued or in flight;
   submit_after_shutdown  no submit that began after shutdown() returned was accepted;
   threads         no thread outlives ``shutdown(wait=True)`` (emulator threads allowed until it stops),
                   and none outlives the emulator's stop;
@@ -220,14 +224,14 @@ class SoakReport:
         lines = [f"soak: {self.requests} requests, fault rate {self.fault_rate:.0%}, seed {self.seed}, "
                  f"{self.duration_s:.1f} s",
                  "submits: " + ", ".join(f"{k} {v}" for k, v in self.submit.items()), ""]
-        header = ("lane", "accepted", "ok", "failed", "cancelled", "attempts", "retries",
+        header = ("lane", "accepted", "ok", "failed", "cancelled", "attempts", "retries", "fallbacks",
                   "in flight (emu) / max", "1s window (emu) / QPS", "stats==futures")
         rows = []
         for lane, o in self.outcomes.items():
             lim = self.limits.get(lane, {})
             qps = lim.get("qps")
             rows.append((lane, str(o["accepted"]), str(o["completed"]), str(o["failed"]), str(o["cancelled"]),
-                         str(o["attempts"]), str(o["retries"]),
+                         str(o["attempts"]), str(o["retries"]), f"{o['fallbacks']} out / {o['fallbacks_in']} in",
                          f"{lim.get('max_in_flight')} ({_emu_concurrency(lim)}) / "
                          f"{lim.get('max_parallel')}",
                          f"{lim.get('max_starts_1s')} ({lim.get('emu_max_per_1s', '-')}) / "
@@ -290,7 +294,7 @@ def make_plan(n: int, seed: int, *, cancels: bool = True, double_cancel: bool = 
 
 def run_soak(requests: int = 10_000, fault_rate: float = 0.3, seed: int = 0, *, trace_memory: bool = True,
              cancels: bool = True, double_cancel: bool = True, shutdown_at: float = SHUTDOWN_AT,
-             progress: bool = False) -> SoakReport:
+             progress: bool = False, fallbacks: bool = True) -> SoakReport:
     """Run the soak and return its report (see the module docstring for what is checked).
 
     Args:
@@ -302,6 +306,7 @@ def run_soak(requests: int = 10_000, fault_rate: float = 0.3, seed: int = 0, *, 
         double_cancel: some of those cancels call ``Future.cancel()`` twice.
         shutdown_at: fraction of ``requests`` submitted before the mid-run shutdown.
         progress: print a line every few seconds to stderr.
+        fallbacks: the HTTP lanes fall back to one another after retryable failures.
     """
     report = SoakReport(requests, fault_rate, seed)
     rng = random.Random(f"{seed}:keys")
@@ -331,7 +336,7 @@ def run_soak(requests: int = 10_000, fault_rate: float = 0.3, seed: int = 0, *, 
         tracemalloc.start()
     t0 = time.monotonic()
     try:
-        _run(report, plan, keys, scanner, fault_rate, seed, baseline, shutdown_at, progress)
+        _run(report, plan, keys, scanner, fault_rate, seed, baseline, shutdown_at, progress, fallbacks)
     finally:
         report.duration_s = time.monotonic() - t0
         if trace_memory:
@@ -361,7 +366,7 @@ def run_soak(requests: int = 10_000, fault_rate: float = 0.3, seed: int = 0, *, 
 
 def _run(report: SoakReport, plan: list[Plan], keys: dict[str, str], scanner: KeyScanHandler,
          fault_rate: float, seed: int, baseline: set[threading.Thread], shutdown_at: float,
-         progress: bool) -> None:
+         progress: bool, fallbacks: bool) -> None:
     sims = {n: ProviderSim(max_concurrency=LANES[n].max_parallel, rps=LANES[n].qps, latency_s=LANES[n].latency_s,
                            fault_rate=fault_rate, faults=FAULTS, slow_s=0.1, hang_s=HANG_S, retry_after_s=0.1,
                            require_key=keys[n]) for n in HTTP_LANES}
@@ -372,13 +377,15 @@ def _run(report: SoakReport, plan: list[Plan], keys: dict[str, str], scanner: Ke
             providers={
                 **{n: ProviderConfig(max_parallel=LANES[n].max_parallel, qps=LANES[n].qps, model=LANES[n].model,
                                      base_url=emu.url(n), api_key=keys[n], timeout=READ_TIMEOUT_S,
-                                     connect_timeout=2.0, max_retries=2, backoff_max_s=0.2, max_retry_wait_s=5.0)
+                                     connect_timeout=2.0, max_retries=1, backoff_max_s=0.2, max_retry_wait_s=5.0,
+                                     fallback=fallbacks)
                    for n in HTTP_LANES},
                 "crashy": ProviderConfig(max_parallel=LANES["crashy"].max_parallel, max_retries=1,
                                          backoff_max_s=0.05),
             },
             queue_size=64,
             backpressure="block",
+            fallbacks=HTTP_LANES if fallbacks else (),
         )
         ex = Executor(config, providers={"crashy": CrashyProvider(seed)})
         _drive(report, ex, plan, scanner, shutdown_at, progress)
@@ -547,23 +554,37 @@ def _drive(report: SoakReport, ex: Executor, plan: list[Plan], scanner: KeyScanH
     report.submit["double_cancels_after_success"] = len(double)
 
     stats = ex.stats()
+    # A request is counted by the lane that settled it, which a fallback changes: outcomes are
+    # compared over all lanes, admissions per lane (``submitted`` counts callers' submits only).
+    total_seen: Counter[str] = Counter()
+    total_stats: Counter[str] = Counter()
     for lane, s in seen.items():
         st = stats[lane]
         mismatches = []
-        for name, theirs in (("submitted", st.submitted), ("completed", st.completed), ("failed", st.failed),
-                             ("cancelled", st.cancelled)):
-            ours = s["accepted"] if name == "submitted" else s[name]
-            if ours != theirs:
-                mismatches.append(f"{name}: stats {theirs} vs futures {ours}")
-        if dict(s["failed_by_error"]) != st.failed_by_error:
-            mismatches.append(f"failed_by_error: stats {st.failed_by_error} vs futures {dict(s['failed_by_error'])}")
+        if s["accepted"] != st.submitted:
+            mismatches.append(f"submitted: stats {st.submitted} vs futures {s['accepted']}")
         if st.queued or st.in_flight:
             mismatches.append(f"queued={st.queued} in_flight={st.in_flight} after shutdown")
+        for name in ("completed", "failed", "cancelled"):
+            total_seen[name] += s[name]
+            total_stats[name] += getattr(st, name)
+        total_seen.update({f"failed:{k}": v for k, v in s["failed_by_error"].items()})
+        total_stats.update({f"failed:{k}": v for k, v in st.failed_by_error.items()})
+        total_stats["fallbacks"] += st.fallbacks
+        total_stats["fallbacks_in"] += st.fallbacks_in
         report.check("stats_match", not mismatches, f"{lane}: " + "; ".join(mismatches))
         report.outcomes[lane] = {**s, "failed_by_error": dict(s["failed_by_error"]), "attempts": st.attempts,
-                                 "retries": st.retries, "stats_match": not mismatches,
+                                 "retries": st.retries, "fallbacks": st.fallbacks, "fallbacks_in": st.fallbacks_in,
+                                 "settled_here": st.finished, "stats_match": not mismatches,
                                  "latency_ms_p50": st.latency_ms_p50, "latency_ms_p95": st.latency_ms_p95,
                                  "queue_ms_mean": st.queue_ms_mean}
+    fallbacks_out, fallbacks_in = total_stats.pop("fallbacks"), total_stats.pop("fallbacks_in")
+    report.submit["fallbacks"] = fallbacks_out
+    total_stats = +total_stats
+    total_seen = +total_seen
+    report.check("stats_match", total_seen == total_stats and fallbacks_out == fallbacks_in,
+                 f"over all lanes: stats {dict(total_stats)} vs futures {dict(total_seen)}; "
+                 f"fallbacks handed on {fallbacks_out} vs received {fallbacks_in}")
 
 
 def _check_limits(report: SoakReport, ex: Executor, emu: Emulator) -> None:

@@ -294,23 +294,34 @@ class Runner:
         if lane.paused_until:
             self._wait_out_pause(request, lane)
         if lane.unlimited:
-            return self._call(request, lane, prompt, max_tokens, None)
+            return self._call(request, lane, prompt, max_tokens, None, self._check_ready(request, lane))
         deadline = request.deadline
         deadline_monotonic = None if deadline is None else time.monotonic() + (deadline - self._clock())
         estimate = (estimate_tokens(prompt, request.request.system, max_tokens)
                     if lane.pcfg.tpm is not None else 0)
+        ready: list[float | None] = []
         with AttemptHolds(lane, self._stopping) as holds:
-            waited_s = holds.take(estimate, deadline_monotonic, lambda: self._check_ready(request, lane))
+            waited_s = holds.take(estimate, deadline_monotonic, lambda: ready.append(self._check_ready(request, lane)))
             lane.note_token_wait(waited_s)
-            return self._call(request, lane, prompt, max_tokens, holds)
+            # From the token on, the attempt starts: a token is never wasted. The token wait was
+            # bounded by the deadline, so the time left is what the last check saw minus the wait.
+            remaining_s = ready[0]
+            if remaining_s is not None:
+                remaining_s = max(remaining_s - waited_s, 0.001)
+            return self._call(request, lane, prompt, max_tokens, holds, remaining_s)
 
-    def _check_ready(self, request: Request, lane: Lane) -> None:
+    def _check_ready(self, request: Request, lane: Lane) -> float | None:
+        """The last check before an attempt starts; returns the time left (None: no deadline)."""
         if request.settled:
             raise _Settled()
         if self._stopping.is_set():
             raise ExecutorShutdownError(f"executor shut down while {lane.name} waited to start an attempt")
-        if request.deadline is not None and self._clock() >= request.deadline:
+        if request.deadline is None:
+            return None
+        remaining_s = request.deadline - self._clock()
+        if remaining_s <= 0:
             raise self._deadline_error(request, lane, "before an attempt could start")
+        return remaining_s
 
     def _wait_out_pause(self, request: Request, lane: Lane) -> None:
         pause_s = lane.pause_remaining_s()
@@ -323,19 +334,12 @@ class Runner:
             raise ExecutorShutdownError(f"executor shut down while {lane.name} was paused")
 
     def _call(self, request: Request, lane: Lane, prompt: str, max_tokens: int | None,
-              holds: AttemptHolds | None) -> tuple[LLMResponse, float]:
-        now = self._clock()
-        remaining_s = None
-        if request.deadline is not None:
-            remaining_s = request.deadline - now
-            if remaining_s <= 0:
-                raise self._deadline_error(request, lane, "before an attempt could start")
-        if request.settled:
-            raise _Settled()
+              holds: AttemptHolds | None, remaining_s: float | None) -> tuple[LLMResponse, float]:
+        """Start the attempt: every check is done, nothing here may abort it."""
         request.attempts += 1
         first = request.attempts == 1
         if first:
-            request.queue_ms = (now - request.submit_s) * 1000.0
+            request.queue_ms = (self._clock() - request.submit_s) * 1000.0
         # The time left, measured after every wait, is the provider's HTTP timeout.
         call_request = request.request.for_attempt(
             provider=lane.name, model=request.model, request_id=request.request_id, prompt=prompt,
