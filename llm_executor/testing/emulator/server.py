@@ -26,8 +26,8 @@ from .limits import ProviderState
 from .ollama import OllamaWire
 from .openai import OpenAIWire
 from .recorder import EmulatorStats, RecordedRequest, redact_headers, redact_path
-from .sim import DEFAULT_MODELS, MAX_HANG_S, PROVIDERS, ProviderSim
-from .wire import Completion, Parsed, Refusal, Reply, Route, WireFormat, base_model
+from .sim import DEFAULT_MODELS, MAX_HANG_S, PROVIDERS, ProviderSim, sends_rate_limit_headers
+from .wire import Completion, Parsed, Refusal, Reply, Route, WireFormat, base_model, rate_limit_headers
 
 __all__ = ["Emulator", "serve"]
 
@@ -174,6 +174,8 @@ class Emulator:
         self._idle = threading.Condition(self._lock)  # notified whenever a request is answered
         self._stopping = threading.Event()
         self._states = {name: ProviderState(name, sim, seed) for name, sim in sims.items()}
+        # One per provider, on the same lock: waiters of the shared-service latency model.
+        self._service_changed = {name: threading.Condition(self._lock) for name in PROVIDERS}
         # Keyed by arrival number; dict order is arrival order, so the oldest is evicted first.
         self._records: dict[int, RecordedRequest] = {}
         self._arrivals = 0
@@ -210,6 +212,9 @@ class Emulator:
         if server is None:
             return
         self._stopping.set()
+        with self._lock:
+            for changed in self._service_changed.values():
+                changed.notify_all()
         server.shutdown()
         threads = server.close_connections()
         server.server_close()
@@ -263,6 +268,38 @@ class Emulator:
     def _check_provider(provider: str) -> None:
         if provider not in PROVIDERS:
             raise ValueError(f"no emulated provider {provider!r}; use one of {', '.join(PROVIDERS)}")
+
+    # -- settings at run time -------------------------------------------------------------------
+
+    def sim(self, provider: str) -> ProviderSim:
+        """The settings ``provider`` runs with now."""
+        self._check_provider(provider)
+        with self._lock:
+            return self._states[provider].sim
+
+    def set_limits(self, provider: str, **changes: Any) -> ProviderSim:
+        """Change ``provider``'s settings while it serves, e.g. ``emu.set_limits("openai", rpm=1110)``.
+
+        Any ``ProviderSim`` field may change (limits, latency, capacity, faults, headers...). The
+        limit windows keep running: a lowered limit applies to the next request, counted against
+        what the window already holds, so a test can halve a hidden limit mid-run.
+
+        Returns:
+            The new settings.
+
+        Raises:
+            ValueError: an unknown provider, an unknown field or a value out of range.
+        """
+        self._check_provider(provider)
+        unknown = sorted(set(changes) - set(ProviderSim.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"set_limits: {unknown} are not ProviderSim fields")
+        with self._lock:
+            state = self._states[provider]
+            state.sim = replace(state.sim, **changes)
+            # A new capacity changes every waiter's share of the service.
+            self._service_changed[provider].notify_all()
+            return state.sim
 
     # -- recorder ------------------------------------------------------------------------------
 
@@ -324,7 +361,7 @@ class Emulator:
                 body = json.loads(raw)
             except ValueError:
                 body = None
-        route = next((r for f in _FORMATS if (r := f.route(method, path, headers)) is not None), None)
+        route = next((r for f in _FORMATS if (r := f.route(method, path, parts.query, headers)) is not None), None)
         owner = _FORMAT_OF[route.provider] if route else next((f for f in _FORMATS if f.owns(path, headers)), None)
         model = route.model if route and route.model else _body_model(body)
         record = RecordedRequest(
@@ -387,7 +424,7 @@ class Emulator:
         model: str,
         conn: socket.socket,
     ) -> tuple[Reply, str | None]:
-        sim = st.sim
+        name, sim = st.name, st.sim
         auth = fmt.check_key(sim.require_key, headers)
         if auth is not None:
             return auth, None
@@ -398,29 +435,39 @@ class Emulator:
         parsed = fmt.parse(route, body)
         if isinstance(parsed, Reply):
             return parsed, None
+        answer = _answer(model, parsed, sim.thinking_tokens if parsed.thinking else 0)
+        # OpenAI charges max_tokens at admission when given, else (here, knowing it) the reply.
+        charged = answer.prompt_tokens + (
+            parsed.max_tokens if parsed.max_tokens is not None else answer.completion_tokens + answer.thought_tokens
+        )
         with self._lock:
-            refusal, fault = st.admit(time.monotonic())
+            current = self._states[name]
+            refusal, fault = current.admit(time.monotonic(), charged)
+            rate_headers = self._rate_headers(current)
+            current.last_used[model] = time.time()
         if refusal is not None:
-            return fmt.limited(refusal, model), refusal.reason
+            return _with_headers(fmt.limited(refusal, model), rate_headers), refusal.reason
         try:
             if fault == "rate_limit":
-                return fmt.limited(Refusal("rate_limited", sim.retry_after_s), model), fault
+                injected = Refusal("rate_limited", sim.retry_after_s)
+                return _with_headers(fmt.limited(injected, model), rate_headers), fault
             if fault in ("server_error", "unavailable"):
-                return fmt.server_error(500 if fault == "server_error" else 503), fault
+                return _with_headers(fmt.server_error(500 if fault == "server_error" else 503), rate_headers), fault
             if fault == "hang":
                 _wait_hang(conn, sim.hang_s, self._stopping)
                 return Reply.dropped(), fault
             delay = sim.latency_s + (sim.slow_s if fault == "slow" else 0.0)
-            if delay > 0 and self._stopping.wait(delay):
+            if delay > 0 and not self._serve(name, delay):
                 return Reply.dropped(), fault
-            out = fmt.success(route, parsed, _complete(model, parsed, fault))
+            out = _with_headers(fmt.success(route, parsed, _apply_fault(answer, fault)), rate_headers)
             if fault == "malformed":
                 whole = out.body_bytes()
                 out = Reply(200, whole[: max(1, len(whole) // 2)], out.headers, out.content_type)
             return out, fault
         finally:
             with self._lock:
-                st.release()
+                # reset() may have replaced the state meanwhile: the slot is the current state's.
+                self._states[name].release()
 
     def _info(self, fmt: WireFormat, route: Route, headers: dict[str, str], body: Any, model: str) -> Reply:
         sim = self._states[route.provider].sim
@@ -428,23 +475,65 @@ class Emulator:
             auth = fmt.check_key(sim.require_key, headers)
             if auth is not None:
                 return auth
-        if route.model and not _model_known(sim, route.model):
-            return fmt.model_not_found(route, route.model)
-        return fmt.info(route, body, sim.models or DEFAULT_MODELS[route.provider])
+        if model and not _model_known(sim, model):
+            return fmt.model_not_found(route, model)
+        with self._lock:
+            recent = dict(self._states[route.provider].last_used)
+        return fmt.info(route, body, sim.models or DEFAULT_MODELS[route.provider], recent)
 
+    def _rate_headers(self, st: ProviderState) -> dict[str, str]:
+        if not sends_rate_limit_headers(st.name, st.sim):
+            return {}
+        return rate_limit_headers(*st.rate_windows(time.monotonic()))
 
+    def _serve(self, name: str, work_s: float) -> bool:
+        """Hold the request for its service time; False when stop() interrupted it."""
+        capacity = self._states[name].sim.capacity
+        if capacity is None:
+            return not self._stopping.wait(work_s)
+        changed = self._service_changed[name]
+        with changed:
+            service = self._states[name].service
+            finish = service.start(time.monotonic(), work_s, capacity)
+            # Every arrival and departure changes everyone's share: waiters recompute their wait.
+            changed.notify_all()
+            try:
+                while not self._stopping.is_set():
+                    capacity = self._states[name].sim.capacity
+                    left = service.left_s(time.monotonic(), finish, capacity)
+                    if left <= 0:
+                        return True
+                    changed.wait(left)
+                return False
+            finally:
+                service.end(time.monotonic(), self._states[name].sim.capacity)
+                changed.notify_all()
 
-
-def _complete(model: str, parsed: Parsed, fault: str | None) -> Completion:
-    """The reply's text and counts: the responder's text, cut at max_tokens or by a fault."""
+def _answer(model: str, parsed: Parsed, thought_tokens: int) -> Completion:
+    """The responder's reply, cut at ``max_tokens`` (thoughts count against it, as on Gemini and o-series)."""
     text = reply_text(model, parsed.prompt, parsed.system, parsed.schema, parsed.json_mode)
     finish = "stop"
-    if parsed.max_tokens is not None and count_tokens(text) > parsed.max_tokens:
-        text, finish = truncate_tokens(text, parsed.max_tokens), "length"
-    if fault == "truncated":
-        text, finish = text[: max(1, len(text) // 2)], "length"
+    if parsed.max_tokens is not None:
+        thought_tokens = min(thought_tokens, parsed.max_tokens)
+        cap = parsed.max_tokens - thought_tokens
+        if count_tokens(text) > cap:
+            text, finish = truncate_tokens(text, cap), "length"
     prompt_tokens = count_tokens(parsed.prompt) + count_tokens(parsed.system or "")
-    return Completion(model, text, finish, prompt_tokens, count_tokens(text), blocked=fault == "blocked")
+    return Completion(model, text, finish, prompt_tokens, count_tokens(text), thought_tokens=thought_tokens)
+
+
+def _apply_fault(answer: Completion, fault: str | None) -> Completion:
+    if fault == "truncated":
+        text = answer.text[: max(1, len(answer.text) // 2)]
+        return replace(answer, text=text, finish="length", completion_tokens=count_tokens(text))
+    if fault == "blocked":
+        return replace(answer, blocked=True)
+    return answer
+
+
+def _with_headers(reply: Reply, headers: Mapping[str, str]) -> Reply:
+    reply.headers.update(headers)
+    return reply
 
 
 def _model_known(sim: ProviderSim, model: str) -> bool:

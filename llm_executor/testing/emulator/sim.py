@@ -10,7 +10,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["DEFAULT_MODELS", "FAULT_KINDS", "MAX_HANG_S", "PROVIDERS", "ProviderSim"]
+__all__ = ["DEFAULT_MODELS", "FAULT_KINDS", "MAX_HANG_S", "PROVIDERS", "ProviderSim", "sends_rate_limit_headers"]
 
 PROVIDERS: tuple[str, ...] = ("openai", "gemini", "ollama")
 FAULT_KINDS: tuple[str, ...] = (
@@ -59,6 +59,21 @@ class ProviderSim:
             Bearer``, Gemini ``x-goog-api-key``) or get the service's auth error.
         models: model names listed by the models endpoints; when non-empty, other models get
             the service's 404. Empty: a default list is shown and every model is accepted.
+        rpm: at most this many generation requests accepted in any sliding 60 s window.
+        tpm: at most this many tokens in any sliding 60 s window; a request is charged its
+            prompt tokens plus ``max_tokens`` when given, else its reply's tokens (as OpenAI
+            charges at admission).
+        rpd: at most this many generation requests in any sliding 24 h window (Gemini's
+            per-day quota: its 429 names a ``PerDay`` quota).
+        capacity: with a latency, requests served at full speed at once; past it the service
+            time is shared, so each request's latency grows linearly with the number in service
+            (an Ollama-like GPU batch). None: the latency is constant whatever the load.
+        rate_limit_headers: send OpenAI-style ``x-ratelimit-limit/remaining/reset-requests|tokens``
+            headers (from ``rpm`` or else ``rps``, and ``tpm``) on every admitted or refused
+            generation reply. None: on for openai (as the real API does), off for the others.
+        thinking_tokens: tokens each reply "thinks" before answering, on models that think
+            (Gemini 2.5+ unless ``thinkingBudget`` is 0; OpenAI o-series and gpt-5): reported as
+            ``thoughtsTokenCount`` / ``reasoning_tokens`` and counted against the output cap.
 
     Raises:
         ValueError: a value out of range or an unknown fault kind.
@@ -74,8 +89,23 @@ class ProviderSim:
     retry_after_s: float = 1.0
     require_key: str | None = field(default=None, repr=False)
     models: tuple[str, ...] = ()
+    rpm: int | None = None
+    tpm: int | None = None
+    rpd: int | None = None
+    capacity: int | None = None
+    rate_limit_headers: bool | None = None
+    thinking_tokens: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("rpm", "tpm", "rpd", "capacity"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"ProviderSim.{name} must be an integer >= 1 or None, got {value!r}")
+        if isinstance(self.thinking_tokens, bool) or not isinstance(self.thinking_tokens, int) \
+                or self.thinking_tokens < 0:
+            raise ValueError(f"ProviderSim.thinking_tokens must be an integer >= 0, got {self.thinking_tokens!r}")
+        if not isinstance(self.models, tuple):
+            raise ValueError(f"ProviderSim.models must be a tuple of model names, got {self.models!r}")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ValueError(
                 f"ProviderSim.max_concurrency must be >= 1 or None, got {self.max_concurrency!r}"
@@ -99,3 +129,8 @@ class ProviderSim:
             raise ValueError(f"ProviderSim.faults weights must be >= 0, got {dict(self.faults)!r}")
         if self.fault_rate > 0 and not any(w > 0 for w in self.faults.values()):
             raise ValueError("ProviderSim.fault_rate > 0 needs at least one fault with a positive weight")
+
+
+def sends_rate_limit_headers(provider: str, sim: ProviderSim) -> bool:
+    """Whether ``provider`` answers with x-ratelimit-* headers (default: openai only, like the real APIs)."""
+    return sim.rate_limit_headers if sim.rate_limit_headers is not None else provider == "openai"

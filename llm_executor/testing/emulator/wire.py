@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -19,6 +20,7 @@ from typing import Any, ClassVar
 __all__ = [
     "Completion",
     "Parsed",
+    "RateWindow",
     "Refusal",
     "Reply",
     "Route",
@@ -29,6 +31,8 @@ __all__ = [
     "go_duration",
     "header",
     "proto_duration",
+    "rate_limit_headers",
+    "sse",
     "split_messages",
     "text_content",
 ]
@@ -85,6 +89,8 @@ class Route:
         generation: a generation request: limited, faulted and counted in ``stats``.
         model: the model named in the path ("" when the body names it, or none).
         public: answered without a key even when ``require_key`` is set.
+        version: the API version in the path (Gemini "v1" or "v1beta"), for messages.
+        query: the query string (Gemini's ``alt=sse``).
     """
 
     provider: str
@@ -92,6 +98,8 @@ class Route:
     generation: bool = False
     model: str = ""
     public: bool = False
+    version: str = ""
+    query: str = ""
 
 
 @dataclass(frozen=True)
@@ -103,8 +111,11 @@ class Parsed:
         system: the system instruction, if any.
         schema: the JSON Schema asked for, if any.
         json_mode: JSON asked for without a schema.
-        max_tokens: the output-token cap, if any.
+        max_tokens: the output-token cap, if any (thinking tokens count against it).
         stream: the reply is to be streamed.
+        thinking: the model thinks before answering (when ``ProviderSim.thinking_tokens`` > 0).
+        options: format-specific values the reply echoes (OpenAI ``service_tier``,
+            ``stream_options.include_usage``, the Responses API's request fields).
     """
 
     prompt: str
@@ -113,6 +124,8 @@ class Parsed:
     json_mode: bool
     max_tokens: int | None
     stream: bool = False
+    thinking: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -123,8 +136,14 @@ class Completion:
     text: str
     finish: str  # "stop" or "length"
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # the answer's tokens, thoughts excluded
     blocked: bool = False
+    thought_tokens: int = 0
+
+    def pieces(self) -> list[str]:
+        """The text cut into stream deltas (a few words each) that join back to it exactly."""
+        words = re.findall(r"\S+\s*|\s+", self.text)
+        return ["".join(words[i : i + 3]) for i in range(0, len(words), 3)] or [""]
 
 
 @dataclass(frozen=True)
@@ -135,10 +154,29 @@ class Refusal:
         reason: what the recorder counts: "rate_limited" (a rate limit or a rate_limit fault)
             or "busy" (the concurrency cap).
         retry_after_s: the wait that would have let this request through.
+        dimension: "requests" or "tokens".
+        period_s: the window of the limit hit: 1 (rps), 60 (rpm, tpm) or 86400 (rpd).
+        limit: the limit's value in its window (None for a fault or the concurrency cap).
+        used: what the window held when the request came.
+        requested: what this request needed (1 request, or its tokens).
     """
 
     reason: str
     retry_after_s: float
+    dimension: str = "requests"
+    period_s: float = 60.0
+    limit: int | None = None
+    used: int | None = None
+    requested: int = 1
+
+
+@dataclass(frozen=True)
+class RateWindow:
+    """One limit as the rate-limit headers show it: limit, what is left, and when it is back full."""
+
+    limit: int
+    remaining: int
+    reset_s: float
 
 
 class WireFormat(abc.ABC):
@@ -147,7 +185,7 @@ class WireFormat(abc.ABC):
     provider: ClassVar[str]
 
     @abc.abstractmethod
-    def route(self, method: str, path: str, headers: Mapping[str, str]) -> Route | None:
+    def route(self, method: str, path: str, query: str, headers: Mapping[str, str]) -> Route | None:
         """The route this request names, or None when it is none of this API's."""
 
     @abc.abstractmethod
@@ -187,8 +225,12 @@ class WireFormat(abc.ABC):
         """The reply carrying ``completion`` (streamed when ``parsed.stream``)."""
 
     @abc.abstractmethod
-    def info(self, route: Route, body: Any, models: Sequence[str]) -> Reply:
-        """Answer a request that is not a generation (listings, model info)."""
+    def info(self, route: Route, body: Any, models: Sequence[str], recent: Mapping[str, float]) -> Reply:
+        """Answer a request that is not a generation (listings, model info, token counts).
+
+        ``models`` are the listed models; ``recent`` maps a model to its last generation's
+        wall-clock time (Ollama's ``/api/ps`` lists those as loaded).
+        """
 
 
 # -- helpers the formats share ------------------------------------------------------------------
@@ -237,10 +279,15 @@ def base_model(name: str) -> str:
 
 
 def go_duration(seconds: float) -> str:
-    """A Go-style duration like OpenAI's reset headers: "20ms", "1.5s"."""
+    """A Go ``time.Duration`` string like OpenAI's reset headers: "20ms", "1.5s", "6m0s", "1h2m3.5s"."""
     if seconds < 1:
         return f"{max(1, round(seconds * 1000))}ms"
-    return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+    hours, rest = divmod(round(seconds, 3), 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{secs:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours or minutes:
+        text = f"{int(minutes)}m{text}"
+    return f"{int(hours)}h{text}" if hours else text
 
 
 def proto_duration(seconds: float) -> str:
@@ -248,3 +295,22 @@ def proto_duration(seconds: float) -> str:
     if float(seconds).is_integer():
         return f"{int(seconds)}s"
     return f"{seconds:.3f}s"
+
+
+def rate_limit_headers(requests: RateWindow | None, tokens: RateWindow | None) -> dict[str, str]:
+    """OpenAI's ``x-ratelimit-*`` headers for the request and token windows that are limited."""
+    out: dict[str, str] = {}
+    for name, window in (("requests", requests), ("tokens", tokens)):
+        if window is not None:
+            out[f"x-ratelimit-limit-{name}"] = str(window.limit)
+            out[f"x-ratelimit-remaining-{name}"] = str(window.remaining)
+            out[f"x-ratelimit-reset-{name}"] = go_duration(window.reset_s) if window.reset_s > 0 else "0s"
+    return out
+
+
+def sse(events: Sequence[Any], done: bool = False) -> list[bytes]:
+    """Server-sent events, one ``data: JSON`` per event (and OpenAI's ``data: [DONE]`` when asked)."""
+    chunks = [b"data: " + json.dumps(event).encode() + b"\n\n" for event in events]
+    if done:
+        chunks.append(b"data: [DONE]\n\n")
+    return chunks
