@@ -112,7 +112,8 @@ class GeminiProvider(HTTPProvider):
         """The JSON body of ``generateContent`` for ``request`` (camelCase fields only)."""
         body: dict[str, Any] = {"contents": [{"role": "user", "parts": [{"text": request.prompt}]}]}
         if request.system:
-            body["systemInstruction"] = {"parts": [{"text": request.system}]}
+            # python-genai sends the role too (recorded in tests/conformance); the API defaults it.
+            body["systemInstruction"] = {"role": "user", "parts": [{"text": request.system}]}
         generation: dict[str, Any] = {}
         if request.max_output_tokens is not None:
             # Thinking tokens count against this cap too (a MAX_TOKENS finish with no text).

@@ -49,7 +49,8 @@ def test_tpm_refusal_is_a_tokens_429_charged_max_tokens() -> None:
         assert chat(emu, max_tokens=60).status_code == 200
         refused = chat(emu, max_tokens=60)
     err = refused.json()["error"]
-    assert refused.status_code == 429 and err["type"] == "tokens" and "tokens per min (TPM): Limit 100" in err["message"]
+    assert refused.status_code == 429 and err["type"] == "tokens"
+    assert "tokens per min (TPM): Limit 100" in err["message"]
 
 
 def test_headers_are_off_for_gemini_and_ollama_by_default_and_switchable() -> None:

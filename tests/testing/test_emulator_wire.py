@@ -70,7 +70,8 @@ def test_unknown_routes_get_each_apis_404_naming_method_and_path(emu: Emulator) 
     r = post(emu, "/v1beta/models/gemini-2.5-flash:generate", gemini_body())
     err = r.json()["error"]
     assert r.status_code == 404 and err["status"] == "NOT_FOUND"
-    assert "POST /v1beta/models/gemini-2.5-flash:generate" in err["message"] and "is not found for" not in err["message"]
+    assert "POST /v1beta/models/gemini-2.5-flash:generate" in err["message"]
+    assert "is not found for" not in err["message"]
     r = post(emu, "/api/chats", {"model": "llama3.2"})
     assert r.status_code == 404 and r.text == "404 page not found"
     assert requests.get(emu.base_url + "/nowhere", timeout=TIMEOUT).status_code == 404
