@@ -114,12 +114,65 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0 if all(ok for ok, _ in results.values()) else 1
 
 
-def _cmd_emulate(args: argparse.Namespace) -> int:
-    from .testing import ProviderSim, serve
+# (option, ProviderSim field, type) of `emulate`; each takes VALUE (every provider) or PROVIDER=VALUE.
+_EMULATE_OPTIONS: tuple[tuple[str, str, Any], ...] = (
+    ("require_key", "require_key", str),
+    ("models", "models", lambda v: tuple(n.strip() for n in v.split(",") if n.strip())),
+    ("rps", "rps", float),
+    ("rpm", "rpm", int),
+    ("tpm", "tpm", int),
+    ("rpd", "rpd", int),
+    ("max_concurrency", "max_concurrency", int),
+    ("capacity", "capacity", int),
+    ("latency", "latency_s", float),
+    ("fault_rate", "fault_rate", float),
+    ("retry_after", "retry_after_s", float),
+    ("thinking_tokens", "thinking_tokens", int),
+    ("rate_limit_headers", "rate_limit_headers", lambda v: {"on": True, "off": False}[v.strip().lower()]),
+)
 
-    sim = ProviderSim(max_concurrency=args.max_concurrency, rps=args.rps, latency_s=args.latency,
-                      fault_rate=args.fault_rate)
-    providers = {name: sim for name in (_names(args.providers) or ["openai", "gemini", "ollama"])}
+
+def _emulator_sims(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    """One ProviderSim per provider from the `emulate` options (PROVIDER=VALUE beats VALUE)."""
+    from .testing import ProviderSim
+
+    fields: dict[str, dict[str, Any]] = {name: {} for name in names}
+    for option, field, convert in _EMULATE_OPTIONS:
+        flag = "--" + option.replace("_", "-")
+        # Plain values first, so a later PROVIDER=VALUE overrides them for that provider.
+        values = sorted(getattr(args, option) or [], key=lambda v: v.partition("=")[0] in _EMULATED)
+        for raw in values:
+            provider, sep, value = raw.partition("=")
+            targets = [provider] if sep and provider in _EMULATED else list(names)
+            if not sep or provider not in _EMULATED:
+                value = raw
+            try:
+                converted = convert(value)
+            except (ValueError, KeyError):
+                raise ValueError(f"{flag} {raw!r}: expected [PROVIDER=]VALUE with a valid value") from None
+            for target in targets:
+                if target not in fields:
+                    raise ValueError(f"{flag} {raw!r}: {target} is not among --providers {','.join(names)}")
+                fields[target][field] = converted
+    return {name: ProviderSim(**kw) for name, kw in fields.items()}
+
+
+_EMULATED = ("openai", "gemini", "ollama")
+
+
+def _cmd_emulate(args: argparse.Namespace) -> int:
+    from .testing import serve
+
+    names = _names(args.providers) or list(_EMULATED)
+    unknown = sorted(set(names) - set(_EMULATED))
+    if unknown:
+        _err(f"--providers: {', '.join(unknown)} not emulated; use {','.join(_EMULATED)}")
+        return 2
+    try:
+        providers = _emulator_sims(args, names)
+    except ValueError as exc:
+        _err(str(exc))
+        return 2
 
     def ready(emu: Any) -> None:
         print(f"llm-executor emulate: listening on {emu.base_url} (Ctrl-C to stop)")
@@ -166,15 +219,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per provider (default 10)")
     p.set_defaults(func=_cmd_check)
 
-    p = sub.add_parser("emulate", help="serve the provider emulator for other tools")
+    p = sub.add_parser(
+        "emulate",
+        help="serve the provider emulator for other tools",
+        description="Serve the OpenAI, Gemini and Ollama emulator. Each provider option takes VALUE "
+                    "(every provider) or PROVIDER=VALUE, and may be repeated: --rps 5 --rps gemini=2.",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--providers", help="comma list (default: openai,gemini,ollama)")
-    p.add_argument("--max-concurrency", type=int, default=None)
-    p.add_argument("--rps", type=float, default=None)
-    p.add_argument("--latency", type=float, default=0.0, help="seconds per reply")
-    p.add_argument("--fault-rate", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="fault RNG seed (default 0)")
+    emulated = p.add_argument_group("per provider ([PROVIDER=]VALUE, repeatable)")
+    helps = {
+        "require_key": ("KEY", "answer 401/400/403 unless requests carry this key"),
+        "models": ("M1,M2", "known models; others get the provider's 404 (default: any model)"),
+        "rps": ("N", "requests per sliding 1 s window"),
+        "rpm": ("N", "requests per sliding 60 s window"),
+        "tpm": ("N", "tokens per sliding 60 s window"),
+        "rpd": ("N", "requests per sliding 24 h window (Gemini: a per-day quota)"),
+        "max_concurrency": ("N", "requests in service at once; one more is refused"),
+        "capacity": ("N", "requests served at full speed; past it latency grows linearly"),
+        "latency": ("S", "seconds each reply takes"),
+        "fault_rate": ("P", "share of requests answered with an injected fault"),
+        "retry_after": ("S", "the wait an injected rate_limit fault asks for"),
+        "thinking_tokens": ("N", "thinking tokens of thinking models (Gemini 2.5+, o-series, gpt-5)"),
+        "rate_limit_headers": ("on|off", "x-ratelimit-* headers (default: on for openai only)"),
+    }
+    for option, _field, _convert in _EMULATE_OPTIONS:
+        metavar, text = helps[option]
+        emulated.add_argument("--" + option.replace("_", "-"), action="append", metavar=f"[P=]{metavar}",
+                              help=text)
     p.set_defaults(func=_cmd_emulate)
 
     p = sub.add_parser("config", help="print the resolved configuration (keys masked)")

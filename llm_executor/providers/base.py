@@ -50,8 +50,11 @@ __all__ = [
     "Provider",
     "build_session",
     "freeze_environment",
+    "MAX_RETRY_AFTER_S",
     "parse_duration_s",
     "parse_error_body",
+    "parse_go_duration_s",
+    "parse_rate_limit_reset",
     "parse_retry_after",
 ]
 
@@ -68,12 +71,30 @@ class MalformedResponseError(Exception):
 # --- header and body parsing -------------------------------------------------------------------
 
 
+# The longest wait a hint may ask for: a quota window is at most a day. Anything longer (a 1e300 s
+# Retry-After, a date in year 9999) is a broken or hostile header, clamped so no sleep overflows.
+MAX_RETRY_AFTER_S = 86_400.0
+# LiteLLM's proxy forwards the upstream's headers under this prefix (llm_provider-retry-after: 60).
+_FORWARDED_PREFIX = "llm_provider-"
+
+
+def _hint(headers: Mapping[str, str], name: str) -> str | None:
+    value = headers.get(name)
+    return value if value is not None else headers.get(_FORWARDED_PREFIX + name)
+
+
+def _clamp_s(value: float) -> float:
+    return min(max(0.0, value), MAX_RETRY_AFTER_S)
+
+
 def parse_retry_after(headers: Mapping[str, str], *, now: datetime | None = None) -> float | None:
     """The wait, in seconds, a response asks for; None when it names none.
 
     Reads ``retry-after-ms`` (float milliseconds, OpenAI) first, then ``retry-after`` as
-    delta-seconds or as an HTTP date (the delay from ``now``, never negative). Garbage is
-    ignored rather than raised: a bad hint must not turn a retryable error into a crash.
+    delta-seconds or as an HTTP date (the delay from ``now``, never negative); each also under
+    LiteLLM's ``llm_provider-`` prefix (the upstream's header forwarded by the proxy). Garbage is
+    ignored rather than raised: a bad hint must not turn a retryable error into a crash. The
+    result is clamped to ``[0, MAX_RETRY_AFTER_S]``.
 
     Args:
         headers: response headers (case-insensitive mapping from ``requests``, or a dict with
@@ -83,36 +104,95 @@ def parse_retry_after(headers: Mapping[str, str], *, now: datetime | None = None
     Returns:
         Seconds to wait (>= 0), or None.
     """
-    raw_ms = headers.get("retry-after-ms")
+    raw_ms = _hint(headers, "retry-after-ms")
     if raw_ms is not None:
-        value = _finite_float(raw_ms)
+        value = _number(raw_ms)
         if value is not None and value >= 0:
-            return value / 1000.0
-    raw = headers.get("retry-after")
+            return _clamp_s(value / 1000.0)
+    raw = _hint(headers, "retry-after")
     if raw is None:
         return None
-    value = _finite_float(raw)
+    value = _number(raw)
     if value is not None:
-        return value if value >= 0 else None
+        return _clamp_s(value) if value >= 0 else None
     try:
         when = parsedate_to_datetime(raw.strip())
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:  # RFC 9110 dates are GMT; parsedate gives naive for "-0000"
         when = when.replace(tzinfo=UTC)
-    delay_s = (when - (now or datetime.now(UTC))).total_seconds()
-    return max(0.0, delay_s)
+    try:
+        delay_s = (when - (now or datetime.now(UTC))).total_seconds()
+    except OverflowError:
+        return MAX_RETRY_AFTER_S
+    return _clamp_s(delay_s)
+
+
+_GO_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|h|m|s)")
+_GO_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_go_duration_s(text: object) -> float | None:
+    """Seconds in a Go duration such as OpenAI's ``x-ratelimit-reset-*`` values (``"20ms"``,
+    ``"6m0s"``, ``"1h2m3.5s"``) or in plain seconds (``"20"``, as some gateways send); None otherwise.
+    The result is clamped to ``[0, MAX_RETRY_AFTER_S]``.
+    """
+    if not isinstance(text, str):
+        return None
+    text = text.strip()
+    plain = _finite_float(text)
+    if plain is not None:
+        return _clamp_s(plain) if plain >= 0 else None
+    parts = _GO_DURATION_RE.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    total = sum(float(number) * _GO_UNIT_S[unit] for number, unit in parts)
+    return _clamp_s(total) if math.isfinite(total) else MAX_RETRY_AFTER_S
+
+
+def parse_rate_limit_reset(headers: Mapping[str, str]) -> float | None:
+    """The wait a 429's ``x-ratelimit-reset-requests`` / ``-tokens`` headers imply; None without them.
+
+    Only the windows the ``x-ratelimit-remaining-*`` headers show as exhausted count (or, when a
+    remaining header is missing, its reset); with several, the longest wait, since the request needs
+    all of them. OpenAI and gateways such as LiteLLM send these; prefer ``parse_retry_after`` when it
+    answers, as a reset is when the window is full again, not the first free slot.
+    """
+    waits: list[float] = []
+    for dimension in ("requests", "tokens"):
+        reset = parse_go_duration_s(_hint(headers, f"x-ratelimit-reset-{dimension}"))
+        if reset is None:
+            continue
+        remaining = _finite_float(_hint(headers, f"x-ratelimit-remaining-{dimension}") or "")
+        if remaining is None or remaining <= 0:
+            waits.append(reset)
+    return max(waits) if waits else None
 
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
 
 
 def parse_duration_s(text: object) -> float | None:
-    """Seconds in a protobuf Duration string such as Gemini's ``"17s"`` or ``"0.5s"``; None otherwise."""
+    """Seconds in a protobuf Duration string such as Gemini's ``"17s"`` or ``"0.5s"``; None otherwise.
+
+    Clamped to ``[0, MAX_RETRY_AFTER_S]``: a huge delay must not overflow a sleep.
+    """
     if not isinstance(text, str):
         return None
     match = _DURATION_RE.match(text)
-    return float(match.group(1)) if match else None
+    if not match:
+        return None
+    value = float(match.group(1))
+    return _clamp_s(value) if math.isfinite(value) else MAX_RETRY_AFTER_S
+
+
+def _number(raw: str) -> float | None:
+    """A float, where an overflow ("1e400") is infinity (a huge wait, clamped later) and NaN is None."""
+    try:
+        value = float(raw.strip())
+    except (AttributeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
 
 
 def _finite_float(raw: str) -> float | None:
@@ -535,10 +615,19 @@ class HTTPProvider(abc.ABC):
         suffix = f" [x-request-id {self.redact(provider_request_id)}]" if provider_request_id else ""
         detail = self._describe_error(status, info, model)
         if detail is None:
-            code = f" ({self.redact(info.code)})" if info.code else ""
-            detail = f"HTTP {status}{code}: {self.redact(info.message) or response.reason or 'no message'}"
+            # A proxy may repeat the status as the code ("HTTP 429 (429)" says nothing twice).
+            code = f" ({self.redact(info.code)})" if info.code and info.code != str(status) else ""
+            said = self.redact(info.message) or response.reason or "no message"
+            detail = f"HTTP {status}{code}: {said}"
+            if status == 404:
+                # Not a model the adapter recognised (it says so itself): the URL names no endpoint.
+                path = urlsplit(response.url or "").path or "the path"
+                detail = (f"HTTP 404: no such endpoint {path} at {self._where()}; check "
+                          f"LLM_EXECUTOR_{self.name.upper()}_BASE_URL ({said})")
         message = f"{self.name}: {detail}{suffix}"
         retry_after_s = parse_retry_after(response.headers)
+        if retry_after_s is None and status == 429:
+            retry_after_s = parse_rate_limit_reset(response.headers)
         if retry_after_s is None:
             retry_after_s = self._body_retry_after_s(info)
         log.debug("%s error status=%s x-request-id=%s", self.name, status, provider_request_id)

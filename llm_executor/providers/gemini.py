@@ -112,7 +112,8 @@ class GeminiProvider(HTTPProvider):
         """The JSON body of ``generateContent`` for ``request`` (camelCase fields only)."""
         body: dict[str, Any] = {"contents": [{"role": "user", "parts": [{"text": request.prompt}]}]}
         if request.system:
-            body["systemInstruction"] = {"parts": [{"text": request.system}]}
+            # python-genai sends the role too (recorded in tests/conformance); the API defaults it.
+            body["systemInstruction"] = {"role": "user", "parts": [{"text": request.system}]}
         generation: dict[str, Any] = {}
         if request.max_output_tokens is not None:
             # Thinking tokens count against this cap too (a MAX_TOKENS finish with no text).
@@ -213,7 +214,9 @@ class GeminiProvider(HTTPProvider):
             # An invalid key is a 400, not a 401: say so plainly (without the key).
             return (f"HTTP {status}: the API key is invalid; check GEMINI_API_KEY / GOOGLE_API_KEY "
                     f"or LLM_EXECUTOR_{self.name.upper()}_API_KEY")
-        if status == 404 and model:
+        # Gemini names the model it did not find ("models/x is not found for API version v1beta");
+        # any other 404 is a wrong route (a base URL with a bad path), described by the base class.
+        if status == 404 and model and f"models/{model}" in info.message:
             return f"HTTP 404: model {model!r} not found (unknown or retired): {self.redact(info.message)}"
         return None
 

@@ -183,7 +183,8 @@ class OllamaProvider(HTTPProvider):
         )
 
     def _describe_error(self, status: int, info: ErrorInfo, model: str | None) -> str | None:
-        if status == 404 and model and "not found" in info.message:
+        # 'model "x" not found, try pulling it first'; a wrong route is Go's "404 page not found".
+        if status == 404 and model and info.message.startswith("model ") and "not found" in info.message:
             return f"HTTP 404: model {model!r} is not pulled on {self._where()}; run `ollama pull {model}`"
         return None
 

@@ -8,6 +8,7 @@ LM Studio). Imports: ``types``, ``errors``, ``config``, ``providers.base``; neve
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
@@ -29,9 +30,11 @@ __all__ = ["DEFAULT_REASONING_PREFIXES", "OpenAIProvider", "is_strict_schema", "
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 OPENAI_HOST = "api.openai.com"
-# o-series and gpt-5 reject max_tokens and any temperature but 1. Only the real OpenAI knows these
-# names; a compatible server (Ollama /v1 has no max_completion_tokens) gets () unless configured.
+# o-series and gpt-5 reject max_tokens and any temperature but 1, wherever they are served: behind
+# a proxy (LiteLLM, Azure-style gateways) the model name is all that tells (issue 15).
 DEFAULT_REASONING_PREFIXES: tuple[str, ...] = ("o1", "o3", "o4", "gpt-5")
+# o1, o3-mini, o4-mini-2025-04-16, gpt-5, gpt-5.1, gpt-5-mini... but not "omni" or "o1lama".
+_REASONING_NAME_RE = re.compile(r"^(?:o\d+(?:$|[-_.:@])|gpt-5)", re.IGNORECASE)
 
 # Output-token caps of models OpenAI documents; others are unknown (None), never guessed.
 _MODEL_MAX_OUTPUT_TOKENS: dict[str, int] = {
@@ -141,8 +144,8 @@ class OpenAIProvider(HTTPProvider):
 
     Config used: ``base_url`` (default https://api.openai.com/v1), ``api_key`` (required for
     api.openai.com, optional elsewhere), ``model`` (default model), ``reasoning_models`` (name
-    prefixes sent ``max_completion_tokens`` and no temperature; None = o1/o3/o4/gpt-5 on
-    api.openai.com, none elsewhere), ``options["organization"]``, ``options["project"]``,
+    prefixes sent ``max_completion_tokens`` and no temperature; None = the o-series and gpt-5
+    family by name, whatever the base URL), ``options["organization"]``, ``options["project"]``,
     ``options["json_mode"]`` ("schema", the default, or "json" for ``json_object``, for servers
     without json_schema support; a prompt must then mention JSON).
     """
@@ -165,15 +168,19 @@ class OpenAIProvider(HTTPProvider):
         """Whether the base URL is OpenAI's own API (keys and reasoning defaults depend on it)."""
         return self._endpoint()[2]
 
-    def reasoning_prefixes(self) -> tuple[str, ...]:
-        """The model-name prefixes treated as reasoning models."""
-        if self.config.reasoning_models is not None:
-            return self.config.reasoning_models
-        return DEFAULT_REASONING_PREFIXES if self.is_official else ()
-
     def is_reasoning_model(self, model: str) -> bool:
-        """Whether ``model`` takes ``max_completion_tokens`` and no temperature."""
-        return any(model.startswith(prefix) for prefix in self.reasoning_prefixes())
+        """Whether ``model`` takes ``max_completion_tokens`` and no temperature.
+
+        ``ProviderConfig.reasoning_models`` (name prefixes; ``()`` for none) decides when set;
+        otherwise the name does, whatever the base URL: the o-series (``o1``, ``o3-mini``,
+        ``o4-mini``...) and the gpt-5 family. A provider prefix such as ``openai/`` or
+        ``azure/`` (LiteLLM's model names) is ignored.
+        """
+        name = model.strip().rsplit("/", 1)[-1]
+        if self.config.reasoning_models is not None:
+            return any(name.startswith(prefix) or model.startswith(prefix)
+                       for prefix in self.config.reasoning_models)
+        return _REASONING_NAME_RE.match(name) is not None
 
     def capabilities(self) -> Capabilities:
         """JSON mode and JSON schema, system prompts, and OpenAI's documented output caps.
@@ -280,6 +287,12 @@ class OpenAIProvider(HTTPProvider):
     def _is_quota_exhausted(self, info: ErrorInfo) -> bool:
         # The SDK retries every 429; a billing quota does not refill by waiting, so we fail fast.
         return "insufficient_quota" in (info.code, info.type)
+
+    def _describe_error(self, status: int, info: ErrorInfo, model: str | None) -> str | None:
+        if status == 404 and (info.code == "model_not_found" or (model and model in info.message)):
+            return (f"HTTP 404: model {model!r} not found (unknown, or this key has no access to it): "
+                    f"{self.redact(info.message)}")
+        return None
 
     def health_check(self) -> str:
         """List the models (``GET {base}/models``) and describe the endpoint.

@@ -35,8 +35,13 @@ Rules (the contract; pipeline tests rely on them):
     current entity; ``type``/``kind``/``category``/``entity_type`` is the requested type (or the
     entity's own); ``description``/``summary``/``context``/``evidence``/``text``/``reason`` is the
     first source sentence containing the entity; any other string is three source words picked by a
-    stable hash of its JSON path; ``format`` date/date-time/email/uri/uuid give fixed values;
-    ``minLength``/``maxLength`` are respected (``pattern`` is not);
+    stable hash of its JSON path; ``format`` date, date-time, time, email, uri/url and uuid give
+    fixed valid values (other formats are ignored); ``minLength``/``maxLength`` are respected;
+    ``pattern``: the value above when it already matches, else the shortest string the regular
+    expression accepts (first alternative, fewest repetitions, first character of each class).
+    Not supported: lookarounds and backreferences that this construction cannot satisfy, and a
+    ``pattern`` together with ``format`` or length bounds it contradicts (the value may then fail
+    the schema);
   - an ``enum`` takes the first value that appears in the prompt as a word, else its first value;
     ``const`` is used as is;
   - an integer or number is the source's word count clamped to ``minimum``/``maximum``
@@ -52,6 +57,7 @@ Imports: stdlib only (the emulator server must need nothing else).
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
@@ -481,12 +487,17 @@ class _Walker:
             text = choices[0] if choices else self.ctx.words_for(path)
         else:
             text = self.ctx.words_for(path)
+        pattern = schema.get("pattern")
+        if isinstance(fmt, str) and fmt in fixed:
+            return text  # padding or cutting would break the format
         min_len = int(schema.get("minLength", 0))
         if len(text) < min_len:
             text = text + "x" * (min_len - len(text))
         max_len = schema.get("maxLength")
         if max_len is not None:
             text = text[: int(max_len)]
+        if isinstance(pattern, str) and not _matches(pattern, text):
+            text = _string_for_pattern(pattern, min_len, max_len, text)
         return text
 
     def number(self, schema: Mapping[str, Any], path: str, kind: str) -> int | float:
@@ -512,3 +523,104 @@ class _Walker:
             # Round towards the inside of the range so a fractional bound stays respected.
             return math.ceil(value) if isinstance(lo, float) and value == lo else math.floor(value)
         return value
+
+
+def _matches(pattern: str, text: str) -> bool:
+    try:
+        return re.search(pattern, text) is not None
+    except re.error:
+        return True  # not a regex Python knows: nothing to satisfy
+
+
+def _string_for_pattern(pattern: str, min_len: int, max_len: Any, fallback: str) -> str:
+    """The shortest string ``pattern`` accepts, padded towards ``minLength`` when repetition allows."""
+    # The stdlib's own regex parser (untyped, private but stable since 3.11): Python's grammar exactly.
+    sre_parse: Any = importlib.import_module("re._parser")
+    try:
+        parsed = sre_parse.parse(pattern)
+    except re.error:
+        return fallback
+    for extra in range(0, 64):
+        text = _build(list(parsed), extra, {})
+        if len(text) >= min_len or extra == 63:
+            break
+    if max_len is not None and len(text) > int(max_len):
+        text = _build(list(parsed), 0, {})
+    return text if _matches(pattern, text) else fallback
+
+
+def _build(items: list[Any], extra: int, groups: dict[int, str]) -> str:
+    """A string for a parsed regex: ``extra`` more repetitions of the first open-ended repeat."""
+    c: Any = importlib.import_module("re._constants")
+
+    out: list[str] = []
+    for op, arg in items:
+        if op is c.LITERAL:
+            out.append(chr(arg))
+        elif op is c.NOT_LITERAL:
+            out.append("a" if chr(arg) != "a" else "b")
+        elif op is c.ANY:
+            out.append("a")
+        elif op is c.IN:
+            out.append(_class_char(arg))
+        elif op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
+            low, high, sub = arg
+            count = low
+            if extra and (high is c.MAXREPEAT or high > low):
+                count = min(low + extra, high) if high is not c.MAXREPEAT else low + extra
+                extra = 0
+            out.append("".join(_build(list(sub), 0, groups) for _ in range(count)))
+        elif op is c.SUBPATTERN:
+            group, _add, _del, sub = arg
+            text = _build(list(sub), extra, groups)
+            if group is not None:
+                groups[group] = text
+            out.append(text)
+        elif op is c.BRANCH:
+            out.append(_build(list(arg[1][0]), extra, groups))
+        elif op is c.GROUPREF:
+            out.append(groups.get(arg, ""))
+        elif op is c.ATOMIC_GROUP:
+            out.append(_build(list(arg), extra, groups))
+        # AT (anchors), ASSERT / ASSERT_NOT (lookarounds) add no characters.
+    return "".join(out)
+
+
+def _class_char(items: list[Any]) -> str:
+    """A character the class ``[...]`` accepts (for a negated class, one it does not exclude)."""
+    c: Any = importlib.import_module("re._constants")
+
+    negate = any(op is c.NEGATE for op, _ in items)
+    categories = {c.CATEGORY_DIGIT: "0", c.CATEGORY_WORD: "a", c.CATEGORY_SPACE: " ",
+                  c.CATEGORY_NOT_DIGIT: "a", c.CATEGORY_NOT_WORD: "-", c.CATEGORY_NOT_SPACE: "a"}
+    if not negate:
+        for op, arg in items:
+            if op is c.LITERAL:
+                return chr(arg)
+            if op is c.RANGE:
+                return chr(arg[0])
+            if op is c.CATEGORY:
+                return categories.get(arg, "a")
+        return "a"
+    for candidate in "aZ0_- x":
+        if re.fullmatch(f"[{_unparse_class(items)}]", candidate):
+            return candidate
+    return "a"
+
+
+def _unparse_class(items: list[Any]) -> str:
+    c: Any = importlib.import_module("re._constants")
+
+    parts = []
+    for op, arg in items:
+        if op is c.NEGATE:
+            parts.append("^")
+        elif op is c.LITERAL:
+            parts.append(re.escape(chr(arg)))
+        elif op is c.RANGE:
+            parts.append(f"{re.escape(chr(arg[0]))}-{re.escape(chr(arg[1]))}")
+        elif op is c.CATEGORY:
+            parts.append({c.CATEGORY_DIGIT: r"\d", c.CATEGORY_WORD: r"\w", c.CATEGORY_SPACE: r"\s",
+                          c.CATEGORY_NOT_DIGIT: r"\D", c.CATEGORY_NOT_WORD: r"\W",
+                          c.CATEGORY_NOT_SPACE: r"\S"}.get(arg, ""))
+    return "".join(parts)

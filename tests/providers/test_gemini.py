@@ -79,7 +79,7 @@ def test_system_generation_config_and_schema(wire: responses.RequestsMock) -> No
     schema = {"type": "object", "properties": {"answer": {"type": "integer"}}}
     provider().complete(req(system="Be brief", max_output_tokens=512, temperature=0.2, json_schema=schema))
     body = sent_json(wire)
-    assert body["systemInstruction"] == {"parts": [{"text": "Be brief"}]}
+    assert body["systemInstruction"] == {"role": "user", "parts": [{"text": "Be brief"}]}
     assert body["generationConfig"] == {"maxOutputTokens": 512, "temperature": 0.2,
                                         "responseMimeType": "application/json", "responseJsonSchema": schema}
 

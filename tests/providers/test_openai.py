@@ -91,10 +91,19 @@ def test_reasoning_models_get_max_completion_tokens_and_no_temperature(wire: res
     assert "max_tokens" not in body and "temperature" not in body
 
 
-def test_reasoning_defaults_apply_only_to_api_openai_com(wire: responses.RequestsMock) -> None:
-    # Ollama's /v1 has no max_completion_tokens: a compatible server gets max_tokens by default.
+@pytest.mark.parametrize("model", ["gpt-5", "openai/gpt-5-mini", "azure/o3-mini", "o4-mini-2025-04-16", "o1"])
+def test_reasoning_models_are_told_by_name_behind_a_proxy(wire: responses.RequestsMock, model: str) -> None:
+    # issue 15: behind LiteLLM a gpt-5 got max_tokens + temperature and was rejected with 400.
+    wire.add(responses.POST, "http://litellm:4000/v1/chat/completions", json=OPENAI_OK)
+    provider(base_url="http://litellm:4000").complete(req(model=model, max_output_tokens=8, temperature=0.5))
+    body = sent_json(wire)
+    assert body["max_completion_tokens"] == 8 and "max_tokens" not in body and "temperature" not in body
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "gpt-4.1-mini", "llama3.2", "omni-moderation", "o1lama"])
+def test_other_models_keep_max_tokens_and_temperature(wire: responses.RequestsMock, model: str) -> None:
     wire.add(responses.POST, "http://localhost:11434/v1/chat/completions", json=OPENAI_OK)
-    provider(base_url="http://localhost:11434/v1").complete(req(model="gpt-5", max_output_tokens=8,
+    provider(base_url="http://localhost:11434/v1").complete(req(model=model, max_output_tokens=8,
                                                                 temperature=0.5))
     body = sent_json(wire)
     assert body["max_tokens"] == 8 and body["temperature"] == 0.5

@@ -433,7 +433,7 @@ def test_ollama_streams_ndjson_unless_stream_false(emu: Emulator) -> None:
     )
     assert r.headers["Content-Type"] == "application/x-ndjson"
     lines = [json.loads(line) for line in r.text.splitlines()]
-    assert [line["done"] for line in lines] == [False, True]
+    assert [line["done"] for line in lines] == [False] * (len(lines) - 1) + [True] and len(lines) > 2
     assert "".join(line["message"]["content"] for line in lines) == "Echo from llama3.2: Hi Ada"
 
 
