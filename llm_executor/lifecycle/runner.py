@@ -190,24 +190,32 @@ class Runner:
     # -- one lane: repairs around retries around attempts --------------------------------------
 
     def _serve(self, request: Request, lane: Lane) -> LLMResponse:
-        budget = Budget(lane.pcfg.max_retries, lane.pcfg.repair_attempts)
         prompt = request.request.prompt
         max_tokens = request.request.max_output_tokens
+        budget: Budget | None = None  # made on the first failure: the happy path needs none
         while True:
-            response, latency_ms = self._call_with_retries(request, lane, prompt, max_tokens, budget)
+            try:
+                response, latency_ms = self._attempt(request, lane, prompt, max_tokens)
+            except ProviderError as exc:
+                if budget is None:
+                    budget = Budget(lane.pcfg.max_retries, lane.pcfg.repair_attempts)
+                response, latency_ms = self._retry(request, lane, prompt, max_tokens, budget, exc)
             data = None
             if request.schema is not None:
                 try:
                     data = parse_structured(response.text, request.schema, provider=lane.name,
-                                            request_id=request.request_id)
+                                            request_id=request.request_id, finish_reason=response.finish_reason)
                 except SchemaValidationError as exc:
+                    if budget is None:
+                        budget = Budget(lane.pcfg.max_retries, lane.pcfg.repair_attempts)
                     if budget.repairs <= 0:
                         raise
                     budget.repairs -= 1
                     # A repair is a new request to the provider (it takes a fresh token too), but
                     # not a retry: it does not spend the transient-retry budget.
                     prompt = REPAIR_PROMPT.format(prompt=request.request.prompt, error=str(exc)[:500])
-                    if getattr(exc, "truncated", False) or response.finish_reason == "length":
+                    if getattr(exc, "truncated", False):
+                        # Cut at max_output_tokens: asking the same again would be cut again.
                         max_tokens = self._raised_limit(lane, request, max_tokens)
                     continue
             return response.completed(provider=lane.name, request_id=request.request_id, latency_ms=latency_ms,
@@ -222,16 +230,13 @@ class Runner:
         doubled = max_tokens * 2
         return doubled if cap is None else max(max_tokens, min(doubled, cap))
 
-    def _call_with_retries(self, request: Request, lane: Lane, prompt: str, max_tokens: int | None,
-                           budget: Budget) -> tuple[LLMResponse, float]:
-        try:
-            return self._attempt(request, lane, prompt, max_tokens)
-        except ProviderError as exc:
-            self._annotate(exc, lane, request)
-            if not is_retryable(exc) or budget.retries <= 0 or hint_above_cap(exc, lane.pcfg.max_retry_wait_s):
-                raise
-            first: ProviderError | None = exc
-        replay = [first]
+    def _retry(self, request: Request, lane: Lane, prompt: str, max_tokens: int | None, budget: Budget,
+               first: ProviderError) -> tuple[LLMResponse, float]:
+        """After attempt ``first`` failed: tenacity retries it within ``budget``, or re-raises."""
+        self._annotate(first, lane, request)
+        if not is_retryable(first) or budget.retries <= 0 or hint_above_cap(first, lane.pcfg.max_retry_wait_s):
+            raise first
+        replay: list[ProviderError] = [first]
         paused = [False]
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
@@ -248,9 +253,7 @@ class Runner:
         for attempt in retrying:
             with attempt:
                 if replay:
-                    failed = replay.pop()
-                    assert failed is not None
-                    raise failed  # attempt 1 already ran (and failed) outside tenacity
+                    raise replay.pop()  # attempt 1 already ran (and failed) outside tenacity
                 budget.retries -= 1
                 try:
                     return self._attempt(request, lane, prompt, max_tokens)
@@ -294,7 +297,8 @@ class Runner:
         if lane.paused_until:
             self._wait_out_pause(request, lane)
         if lane.unlimited:
-            return self._call(request, lane, prompt, max_tokens, None, self._check_ready(request, lane))
+            remaining_s = None if request.deadline is None else self._check_ready(request, lane)
+            return self._call(request, lane, prompt, max_tokens, None, remaining_s)
         deadline = request.deadline
         deadline_monotonic = None if deadline is None else time.monotonic() + (deadline - self._clock())
         estimate = (estimate_tokens(prompt, request.request.system, max_tokens)
