@@ -65,6 +65,7 @@ LAYERS = {
     "limits": {"types", "errors", "config"},
     "metrics": {"types", "errors", "config"},
     "window": {"errors"},
+    "web": {"errors"},
 }
 
 
