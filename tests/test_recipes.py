@@ -41,7 +41,7 @@ def test_etl_migration_enriches_every_row(mode: str, env: dict[str, str], tmp_pa
 def test_etl_migration_submit_loop_trips_the_default_fail_fast_queue() -> None:
     done = run_example("etl_migration.py", "--rows", "250", "--mode", "submit")
     assert done.returncode == 1
-    match = re.search(r"QueueFullError: openai queue is full .* \(at row (\d+) of 250\)", done.stderr)
+    match = re.search(r"QueueFullError: .* \(at row (\d+) of 250\)", done.stderr)
     assert match, done.stderr
     assert 100 <= int(match.group(1)) <= 120  # QUEUE_SIZE 100 waiting + up to MAX_PARALLEL 8 started
     assert "--mode map or fan_out, or LLM_EXECUTOR_BACKPRESSURE=block" in done.stderr
