@@ -2,7 +2,8 @@
 
 Subcommands: ``demo`` (the example pipeline on the built-in emulator), ``run`` (a resumable
 JSONL batch), ``check`` (does each configured provider answer?), ``emulate`` (serve the
-emulator for other tools), ``config`` (the resolved configuration, keys masked).
+emulator for other tools), ``config`` (the resolved configuration, keys masked). ``config``,
+``check`` and ``run`` read and validate the configuration through one function (``_load_config``).
 
 Only this module prints. ``main(argv)`` returns the exit status: 0 ok, 1 a request or a check
 failed, 2 usage or configuration error (one stderr line: ``llm-executor: error: ...``),
@@ -15,11 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 from . import Executor, ExecutorConfig, __version__
-from .errors import ConfigError, LLMExecutorError
+from .errors import ConfigError, ConfigWarning, LLMExecutorError
 
 __all__ = ["build_parser", "main"]
 
@@ -43,8 +45,26 @@ def _print_config(cfg: ExecutorConfig, as_json: bool) -> None:
                 print(f"  {key:<20} {value}")
 
 
+def _load_config() -> ExecutorConfig:
+    """The configuration of ``config``, ``check`` and ``run``, validated one way for all three.
+
+    Built-in adapters only (the command has no custom providers), so a provider name without an
+    adapter or a fallback that is not enabled fails here, in every command alike, before anything
+    connects. An unknown LLM_EXECUTOR_* variable is one ``llm-executor: warning:`` line on stderr.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConfigWarning)
+        cfg = ExecutorConfig.from_env(adapters=())
+    for w in caught:
+        if issubclass(w.category, ConfigWarning):
+            print(f"llm-executor: warning: {w.message}", file=sys.stderr)
+        else:  # not ours to swallow
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return cfg
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
-    _print_config(ExecutorConfig.from_env(), args.json)
+    _print_config(_load_config(), args.json)
     return 0
 
 
@@ -86,7 +106,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .batch import BatchInterrupted, run_batch
 
-    cfg = ExecutorConfig.from_env()
+    cfg = _load_config()
     with Executor(cfg) as ex:
         try:
             summary = run_batch(ex, args.input, args.output, progress=not args.quiet,
@@ -103,7 +123,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    cfg = ExecutorConfig.from_env()
+    cfg = _load_config()
     _print_config(cfg, as_json=False)
     print()
     with Executor(cfg) as ex:

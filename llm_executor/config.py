@@ -10,26 +10,83 @@ Imports: stdlib, ``errors``, python-dotenv.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
-from .errors import ConfigError
+from .errors import ConfigError, ConfigWarning
 
 __all__ = [
     "BUILTIN_PROVIDER_NAMES",
     "DEFAULT_PROVIDERS",
+    "ENV_VARIABLES",
+    "PROVIDER_ENV_VARIABLES",
+    "ConfigWarning",
     "ExecutorConfig",
     "PROVIDER_KEY_VARIABLES",
     "ProviderConfig",
     "api_key_from_env",
     "key_variables",
+    "known_env_names",
     "mask_url",
+    "validate_provider_names",
 ]
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "LLM_EXECUTOR_"
+
+# Every LLM_EXECUTOR_* variable the library reads is listed in one of these two tables, and a new
+# variable is added here in the same change that reads it: ``_EnvReader`` refuses to look up a name
+# missing from them (a RuntimeError in any test that reads it), and ``from_env`` warns about every
+# LLM_EXECUTOR_* name in the environment or ``.env`` that they do not list, suggesting the closest
+# one. So a variable added later stays "known" without anyone remembering a second list.
+ENV_VARIABLES: Mapping[str, str] = MappingProxyType({
+    "LLM_EXECUTOR_PROVIDERS": "comma list of enabled providers",
+    "LLM_EXECUTOR_QUEUE_SIZE": "requests accepted but not started, per provider lane (0 = unbounded)",
+    "LLM_EXECUTOR_BACKPRESSURE": "fail_fast or block",
+    "LLM_EXECUTOR_BLOCK_TIMEOUT": "seconds a blocked submit waits",
+    "LLM_EXECUTOR_RATE_BACKEND": "memory, sqlite:///path or redis://host:port/db",
+    "LLM_EXECUTOR_NAMESPACE": "prefix of shared-backend keys",
+    "LLM_EXECUTOR_FALLBACKS": "ordered providers to fall back to after retryable failures",
+    "LLM_EXECUTOR_PRIORITY_AGING": "seconds of waiting worth one priority step",
+    "LLM_EXECUTOR_BACKEND_FAILURE": "fail_closed or local, when a shared backend is lost",
+    "LLM_EXECUTOR_LEASE_TTL": "seconds a global in-flight slot lease lives",
+    "LLM_EXECUTOR_STRICT": "1: an unknown LLM_EXECUTOR_* variable is an error, not a warning",
+    # Read by this repository's test suite, not by the library; listed so CI's setting is not "unknown".
+    "LLM_EXECUTOR_REQUIRE_REDIS": "tests: fail instead of skipping when Redis is missing",
+    "LLM_EXECUTOR_TEST_REDIS_URL": "tests: the Redis the shared-limit tests use",
+})
+# LLM_EXECUTOR_<NAME>_<SUFFIX>, known only for the providers in LLM_EXECUTOR_PROVIDERS.
+PROVIDER_ENV_VARIABLES: Mapping[str, str] = MappingProxyType({
+    "MAX_PARALLEL": "in-flight cap per process",
+    "QPS": "requests started per second",
+    "BURST": "requests that may start at one instant under QPS",
+    "RPM": "requests started per minute",
+    "TPM": "tokens per minute",
+    "TIMEOUT": "per-attempt HTTP read timeout, seconds",
+    "CONNECT_TIMEOUT": "per-attempt HTTP connect timeout, seconds",
+    "MAX_RETRIES": "retries of retryable errors",
+    "MAX_RETRY_WAIT": "a longer server-requested wait fails fast",
+    "BACKOFF_MAX": "cap of the exponential backoff, seconds",
+    "GLOBAL_MAX_PARALLEL": "in-flight cap across processes sharing the backend",
+    "REPAIR_ATTEMPTS": "re-asks when structured output is invalid",
+    "FALLBACK": "explicit requests may fall back along LLM_EXECUTOR_FALLBACKS",
+    "MODEL": "the model of requests with model ''",
+    "REASONING_MODELS": "model-name prefixes sent max_completion_tokens (OpenAI)",
+    "BASE_URL": "endpoint override",
+    "API_KEY": "the credential",
+})
+# Longest first, so LLM_EXECUTOR_X_GLOBAL_MAX_PARALLEL splits as X + GLOBAL_MAX_PARALLEL.
+_SUFFIXES_LONGEST_FIRST = sorted(PROVIDER_ENV_VARIABLES, key=len, reverse=True)
 
 BUILTIN_PROVIDER_NAMES: tuple[str, ...] = ("gemini", "openai", "ollama")
 DEFAULT_PROVIDERS: tuple[str, ...] = ("gemini", "openai", "ollama")
@@ -232,22 +289,41 @@ class ExecutorConfig:
         environ: Mapping[str, str] | None = None,
         *,
         dotenv_path: str | os.PathLike[str] | None = None,
+        adapters: Iterable[str] | None = None,
     ) -> ExecutorConfig:
         """Build a config from ``LLM_EXECUTOR_*`` variables (see the README's table).
+
+        An ``LLM_EXECUTOR_*`` name that is not in ``ENV_VARIABLES`` / ``PROVIDER_ENV_VARIABLES`` (a
+        misspelling, or a provider's variable while that provider is not in ``LLM_EXECUTOR_PROVIDERS``)
+        is ignored with a ``ConfigWarning`` and one log line that suggest the closest known name;
+        with ``LLM_EXECUTOR_STRICT=1`` it is a ``ConfigError`` instead.
 
         Args:
             environ: the variables to read; None = ``os.environ`` merged over a ``.env`` file found
                 from the current directory (real variables win).
             dotenv_path: a ``.env`` file to read beneath ``environ`` (also when ``environ`` is given).
+            adapters: when given, also run ``validate_provider_names`` with these custom provider names
+                (``()`` = built-in adapters only, as the ``llm-executor`` command runs).
 
         Raises:
-            ConfigError: naming the variable, the value and what is expected.
+            ConfigError: naming the variable, where it was set (the ``.env`` path or "environment"),
+                the value and what is expected.
         """
         env: dict[str, str] = {}
+        sources: dict[str, str] = {}
         if dotenv_path is not None or environ is None:
-            env.update(_read_dotenv(dotenv_path))
-        env.update(os.environ if environ is None else environ)
-        return _EnvReader(env).config()
+            found, values = _read_dotenv(dotenv_path)
+            env.update(values)
+            sources.update(dict.fromkeys(values, found))
+        real = os.environ if environ is None else environ
+        env.update(real)
+        sources.update(dict.fromkeys(real, "environment"))
+        reader = _EnvReader(env, sources)
+        config = reader.config()
+        reader.check_unknown(config)
+        if adapters is not None:
+            validate_provider_names(config, adapters, sources=sources)
+        return config
 
 
 # The providers' own key variables, after LLM_EXECUTOR_<NAME>_API_KEY, in the order they are read.
@@ -269,7 +345,7 @@ def api_key_from_env(name: str, environ: Mapping[str, str] | None = None) -> str
     A ``ProviderConfig(api_key=None)`` built in code gets its key here (issue 10, item 8), so the
     README quick start works with ``OPENAI_API_KEY`` set.
     """
-    env = _read_dotenv(None) if environ is None else {}
+    env: dict[str, str] = dict(_read_dotenv(None)[1]) if environ is None else {}
     env.update(os.environ if environ is None else environ)
     for var in key_variables(name):
         if env.get(var):
@@ -288,26 +364,105 @@ def mask_url(url: str) -> str:
     return masked.split("?", 1)[0] + ("?***" if "?" in masked else "")
 
 
-def _read_dotenv(path: str | os.PathLike[str] | None) -> dict[str, str]:
+def known_env_names(providers: Iterable[str]) -> frozenset[str]:
+    """Every ``LLM_EXECUTOR_*`` name ``from_env`` reads when ``providers`` are enabled."""
+    return frozenset(ENV_VARIABLES) | {f"{ENV_PREFIX}{name.upper()}_{suffix}"
+                                       for name in providers for suffix in PROVIDER_ENV_VARIABLES}
+
+
+def _is_listed(var: str) -> bool:
+    return var in ENV_VARIABLES or any(var.endswith("_" + s) for s in PROVIDER_ENV_VARIABLES)
+
+
+def _split_provider_var(var: str) -> tuple[str, str] | None:
+    """``LLM_EXECUTOR_<NAME>_<SUFFIX>`` → (name, suffix) for a known suffix, else None."""
+    for suffix in _SUFFIXES_LONGEST_FIRST:
+        middle = var[len(ENV_PREFIX):-len(suffix) - 1]
+        if var.endswith("_" + suffix) and middle and _NAME_RE.match(middle.lower()):
+            return middle.lower(), suffix
+    return None
+
+
+def _unknown_hint(var: str, enabled: tuple[str, ...]) -> str:
+    """Why ``var`` is ignored and what was probably meant."""
+    split = _split_provider_var(var)
+    if split is not None and split[0] not in enabled and not difflib.get_close_matches(split[0], enabled, 1, 0.75):
+        name, _ = split
+        return (f"provider {name!r} is not enabled: add it to LLM_EXECUTOR_PROVIDERS "
+                f"(now {','.join(enabled) or 'empty'}) to use this variable")
+    # Compare what follows the common prefix: the prefix alone would make every name look alike.
+    known = {n[len(ENV_PREFIX):]: n for n in known_env_names(enabled)}
+    close = difflib.get_close_matches(var[len(ENV_PREFIX):], list(known), 1, 0.6)
+    if close:
+        return f"did you mean {known[close[0]]}?"
+    return "no known variable is close (see the README's configuration table)"
+
+
+def validate_provider_names(
+    config: ExecutorConfig, adapters: Iterable[str] = (), *, sources: Mapping[str, str] | None = None
+) -> None:
+    """Check that every enabled provider has an adapter and every fallback is enabled.
+
+    This is the check ``Executor(config, providers=...)`` makes before it builds its lanes, without
+    building them, so ``llm-executor config`` rejects exactly what ``check`` and ``run`` reject.
+
+    Args:
+        config: the configuration.
+        adapters: names of custom providers that will be passed to ``Executor``; every other enabled
+            name must be a built-in adapter.
+        sources: where each variable came from (a ``.env`` path or "environment"), for the messages.
+
+    Raises:
+        ConfigError: naming LLM_EXECUTOR_PROVIDERS or LLM_EXECUTOR_FALLBACKS, the value and the names expected.
+    """
+    custom = set(adapters)
+
+    def where(var: str) -> str:
+        return f" (from {sources.get(var, 'environment')})" if sources and var in sources else ""
+
+    for name in config.providers:
+        if name == "auto":
+            raise ConfigError(f"LLM_EXECUTOR_PROVIDERS={','.join(config.providers)!r}{where('LLM_EXECUTOR_PROVIDERS')}"
+                              f": 'auto' is not a provider (it asks the executor to choose one); expected names "
+                              f"of providers, built-in: {', '.join(BUILTIN_PROVIDER_NAMES)}")
+        if name not in custom and name not in BUILTIN_PROVIDER_NAMES:
+            raise ConfigError(
+                f"LLM_EXECUTOR_PROVIDERS={','.join(config.providers)!r}{where('LLM_EXECUTOR_PROVIDERS')}: provider "
+                f"{name!r} is configured but has no adapter (built-in: {', '.join(BUILTIN_PROVIDER_NAMES)}): "
+                f"pass one with Executor(cfg, providers={{{name!r}: obj}}) or remove it from LLM_EXECUTOR_PROVIDERS")
+    enabled = [*config.providers, *(n for n in custom if n not in config.providers)]
+    unknown = [n for n in config.fallbacks if n not in enabled]
+    if unknown:
+        raise ConfigError(
+            f"LLM_EXECUTOR_FALLBACKS={','.join(config.fallbacks)!r}{where('LLM_EXECUTOR_FALLBACKS')}: unknown "
+            f"provider {unknown[0]!r}; expected names of enabled providers: {', '.join(enabled)}")
+
+
+def _read_dotenv(path: str | os.PathLike[str] | None) -> tuple[str, dict[str, str]]:
+    """(the file's path, its variables); ("", {}) when no ``.env`` is found."""
     from dotenv import dotenv_values, find_dotenv
 
     if path is None:
         found = find_dotenv(usecwd=True)
         if not found:
-            return {}
+            return "", {}
         path = found
     if not Path(path).is_file():
         raise ConfigError(f"dotenv_path={str(path)!r}: expected an existing .env file")
-    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+    return str(path), {k: v for k, v in dotenv_values(path).items() if v is not None}
 
 
 class _EnvReader:
     """One parser per type; each names the variable and never echoes a secret."""
 
-    def __init__(self, env: Mapping[str, str]) -> None:
+    def __init__(self, env: Mapping[str, str], sources: Mapping[str, str] | None = None) -> None:
         self.env = env
+        self.sources = sources or {}
 
     def _raw(self, var: str) -> str | None:
+        if var.startswith(ENV_PREFIX) and not _is_listed(var):
+            # A programming error, caught by any test that reads the variable: see ENV_VARIABLES.
+            raise RuntimeError(f"{var} is read but not listed in config.ENV_VARIABLES or PROVIDER_ENV_VARIABLES")
         value = self.env.get(var)
         if value is None:
             return None
@@ -315,7 +470,7 @@ class _EnvReader:
         return value or None
 
     def _fail(self, var: str, raw: str, expected: str) -> ConfigError:
-        return ConfigError(f"{var}={raw!r}: expected {expected}")
+        return ConfigError(f"{var}={raw!r} (from {self.sources.get(var, 'environment')}): expected {expected}")
 
     def int_(self, var: str, minimum: int) -> int | None:
         raw = self._raw(var)
@@ -429,6 +584,22 @@ class _EnvReader:
             return ProviderConfig(**kw)
         except ConfigError as exc:  # pragma: no cover - every value was checked above
             raise ConfigError(f"{p}*: {exc}") from None
+
+    def check_unknown(self, config: ExecutorConfig) -> None:
+        """Warn about (or, under LLM_EXECUTOR_STRICT, refuse) every LLM_EXECUTOR_* name nothing reads."""
+        enabled = tuple(config.providers)
+        known = known_env_names(enabled)
+        found = sorted(v for v in self.env if v.startswith(ENV_PREFIX) and v not in known)
+        if not found:
+            return
+        notes = [f"{v} (from {self.sources.get(v, 'environment')}) is not a known variable and is ignored; "
+                 f"{_unknown_hint(v, enabled)}" for v in found]
+        if self.bool_("LLM_EXECUTOR_STRICT"):
+            raise ConfigError("LLM_EXECUTOR_STRICT=1: " + "; ".join(notes))
+        for note in notes:
+            log.warning("%s", note)
+            # stacklevel 3: the line that called from_env (check_unknown <- from_env <- caller).
+            warnings.warn(note, ConfigWarning, stacklevel=3)
 
     def config(self) -> ExecutorConfig:
         names = self.names("LLM_EXECUTOR_PROVIDERS")

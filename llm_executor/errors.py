@@ -14,7 +14,10 @@ caller written for ``concurrent.futures`` would already catch::
         ├── RateLimitedError                429 after retries, or quota exhausted
         ├── ProviderUnavailableError        connection errors, timeouts, 5xx after retries
         ├── ContentBlockedError             the provider refused the prompt or the output
-        └── SchemaValidationError           output is not valid JSON or breaks the schema; .path
+        └── SchemaValidationError           output is not valid JSON or breaks the schema; .path, .truncated
+
+One warning category sits beside the tree: ``ConfigWarning(UserWarning)``, an ``LLM_EXECUTOR_*``
+variable that nothing reads (a misspelling), so it can be filtered or turned into an error.
 
 Messages never contain an API key or a URL query string. This module imports the stdlib only.
 """
@@ -25,6 +28,7 @@ from typing import Any
 
 __all__ = [
     "ConfigError",
+    "ConfigWarning",
     "ContentBlockedError",
     "DeadlineExceededError",
     "ExecutorShutdownError",
@@ -45,6 +49,14 @@ class LLMExecutorError(Exception):
 
 class ConfigError(LLMExecutorError, ValueError):
     """A setting is invalid; the message names the variable or field and what was expected."""
+
+
+class ConfigWarning(UserWarning):
+    """An ``LLM_EXECUTOR_*`` variable nothing reads (a misspelling, or a provider that is not enabled).
+
+    ``LLM_EXECUTOR_STRICT=1`` makes it a ``ConfigError``; ``warnings.simplefilter("error", ConfigWarning)``
+    does the same from code.
+    """
 
 
 class UnknownProviderError(ConfigError):
@@ -155,12 +167,16 @@ class SchemaValidationError(ProviderError):
     Attributes:
         path: JSON path of the first error (``$`` for the root, ``$.items[0].name``...).
         text_head: the first characters of the output, for the log.
+        truncated: the provider stopped at ``max_output_tokens`` (finish_reason "length"): asking
+            again with the same limit gets the same cut, a higher limit may not.
     """
 
-    def __init__(self, message: str, *, path: str = "$", text_head: str = "", **kwargs: Any) -> None:
+    def __init__(self, message: str, *, path: str = "$", text_head: str = "", truncated: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
         self.path = path
         self.text_head = text_head
+        self.truncated = truncated
 
 
 def _rebuild(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:

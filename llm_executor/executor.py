@@ -23,9 +23,8 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -188,66 +187,46 @@ class Executor:
             raise
 
     def map(self, fn_or_requests: Callable[[Any], LLMRequest] | Iterable[LLMRequest],
-            iterable: Iterable[Any] | None = None, *, timeout: float | None = None) -> Iterator[LLMResponse]:
+            iterable: Iterable[Any] | None = None, *, timeout: float | None = None,
+            return_exceptions: bool = False, progress: str | bool | None = None) -> Iterator[Any]:
         """Run requests and yield their responses in input order.
 
         Two shapes: ``map(requests)``, and ``map(fn, iterable)`` as in ``concurrent.futures``,
-        where ``fn(item)`` builds the ``LLMRequest`` for each item.
+        where ``fn(item)`` builds the ``LLMRequest`` of each item.
 
-        The input is read lazily: at most ``queue_size`` requests (plus the lanes' workers) are
-        outstanding, and submission waits for room instead of failing fast, so a long iterable
-        never trips backpressure by itself. A failed request raises its error when reached;
-        stopping the iteration cancels what has not started.
+        The input is read lazily (``llm_executor.window.SubmissionWindow``): at most
+        ``queue_size`` + the lanes' MAX_PARALLEL requests are outstanding, and submission waits for
+        room instead of failing fast, so a long iterable never trips backpressure by itself.
+        Stopping the iteration (or an error reaching the caller) cancels what has not started.
+
+        Args:
+            timeout: seconds for the whole iteration, as in ``concurrent.futures``: waiting for a
+                response past it raises ``TimeoutError``.
+            return_exceptions: yield a failed request's exception (or the error ``fn`` or submit
+                raised for its item) in its place and go on; default False raises it when reached.
+            progress: show a ``tqdm.auto`` progress bar (a description, or True).
 
         Raises:
-            TimeoutError: ``timeout`` seconds passed since the call before a response was ready.
+            TimeoutError: ``timeout`` seconds passed before the next response was ready.
+            The error of a failed request, when reached (unless ``return_exceptions``).
         """
+        from .window import SubmissionWindow
+
+        make_request: Callable[[Any], LLMRequest] | None
         if iterable is None:
             if callable(fn_or_requests) and not isinstance(fn_or_requests, Iterable):
                 raise TypeError("map(fn, iterable): the iterable is missing")
-            requests: Iterator[LLMRequest] = iter(fn_or_requests)  # type: ignore[arg-type]
+            items: Iterable[Any] = fn_or_requests  # type: ignore[assignment]
+            make_request = None
         else:
             if not callable(fn_or_requests):
                 raise TypeError(f"map(fn, iterable): fn must be callable, got {type(fn_or_requests).__name__}")
-            fn = fn_or_requests
-            requests = (fn(item) for item in iterable)
-        window = self.config.queue_size or 256
-        window += sum(lane.pcfg.max_parallel for lane in self._engine.lanes.values())
-        deadline = None if timeout is None else time.monotonic() + timeout
-        return self._map(requests, window, deadline)
-
-    def _map(self, it: Iterator[LLMRequest], window: int, deadline: float | None) -> Iterator[LLMResponse]:
-        pending: deque[Future[LLMResponse]] = deque()
-        try:
-            exhausted = False
-            while True:
-                while not exhausted and len(pending) < window:
-                    try:
-                        request = next(it)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                    try:
-                        pending.append(self._engine.submit(request, block=True, block_timeout=remaining))
-                    except QueueFullError as exc:
-                        if deadline is None:  # pragma: no cover - blocking without timeout never raises it
-                            raise
-                        raise TimeoutError(f"map() timeout passed while waiting for room: {exc}") from exc
-                if not pending:
-                    return
-                future = pending.popleft()
-                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
-                    response = future.result(remaining)
-                except BaseException:
-                    # Popped already: the finally below would not cancel it (cf. CPython gh-95166).
-                    future.cancel()
-                    raise
-                yield response
-        finally:
-            for future in pending:
-                future.cancel()
+            items, make_request = iterable, fn_or_requests
+        window = (self.config.queue_size or 256) + sum(lane.pcfg.max_parallel for lane in self._engine.lanes.values())
+        submission: SubmissionWindow[Any, LLMRequest, LLMResponse] = SubmissionWindow(
+            items, self._engine.submit, make_request, window=window, block=True, timeout=timeout,
+            isolate_errors=return_exceptions, progress=progress, unit="request", label="map()")
+        return _responses(submission, return_exceptions)
 
     def stats(self) -> ExecutorStats:
         """A snapshot of every lane (queue length, in flight, outcomes, latency, auditor)."""
@@ -288,6 +267,17 @@ class Executor:
     def __repr__(self) -> str:
         state = "shutdown" if self._engine.closed else "running"
         return f"<Executor {state} providers={list(self._engine.lanes)}>"
+
+
+def _responses(submission: Any, return_exceptions: bool) -> Iterator[Any]:
+    with submission:  # leaving early cancels what has not started
+        for settled in submission.in_order():
+            if return_exceptions:
+                future = settled.future
+                error = CancelledError() if future.cancelled() else future.exception()
+                yield error if error is not None else future.result()
+            else:
+                yield settled.future.result()
 
 
 def _room_watcher(loop: asyncio.AbstractEventLoop, room: asyncio.Future[None]) -> Callable[[], None]:

@@ -121,22 +121,34 @@ def _json_path(path: Any) -> str:
 
 
 def parse_structured(text: str, schema: Mapping[str, Any], *, provider: str | None = None,
-                     request_id: str | None = None) -> Any:
+                     request_id: str | None = None, finish_reason: str | None = None) -> Any:
     """Parse ``text`` as JSON and validate it against ``schema``.
+
+    Args:
+        text: the provider's output.
+        schema: a schema checked by ``normalize_schema``.
+        provider: lane name, for the error.
+        request_id: for the error.
+        finish_reason: the response's normalised finish reason; "length" (cut at
+            ``max_output_tokens``) makes a failure say so and set ``.truncated``.
 
     Returns:
         The parsed value.
 
     Raises:
-        SchemaValidationError: with ``.path`` of the first error and the head of the text.
+        SchemaValidationError: with ``.path`` of the first error, the head of the text, and
+            ``.truncated=True`` when the output was cut at ``max_output_tokens``, whose message then
+            says so first: a repair should raise the limit rather than ask the same again.
     """
     head = text[:_TEXT_HEAD]
+    truncated = finish_reason == "length"
+    cut = "output was truncated at max_output_tokens (finish_reason 'length') and " if truncated else "output "
     try:
         data = json.loads(strip_code_fence(text))
     except json.JSONDecodeError as exc:
         raise SchemaValidationError(
-            f"output is not valid JSON ({exc.msg} at char {exc.pos}); text begins {head!r}",
-            path="$", text_head=head, provider=provider, request_id=request_id,
+            f"{cut}is not valid JSON ({exc.msg} at char {exc.pos}); text begins {head!r}",
+            path="$", text_head=head, truncated=truncated, provider=provider, request_id=request_id,
         ) from None
     from jsonschema.exceptions import best_match
 
@@ -145,7 +157,7 @@ def parse_structured(text: str, schema: Mapping[str, Any], *, provider: str | No
     if error is not None:
         path = _json_path(error.absolute_path)
         raise SchemaValidationError(
-            f"output breaks the JSON schema at {path}: {error.message[:300]}; text begins {head!r}",
-            path=path, text_head=head, provider=provider, request_id=request_id,
+            f"{cut}breaks the JSON schema at {path}: {error.message[:300]}; text begins {head!r}",
+            path=path, text_head=head, truncated=truncated, provider=provider, request_id=request_id,
         )
     return data

@@ -131,6 +131,31 @@ def test_timeout_fails_unfinished_tasks_and_keeps_finished_ones(gate: GateProvid
     assert gate.prompts == ["p1"]
 
 
+def test_timeout_also_fails_the_tasks_never_read(gate: GateProvider) -> None:
+    with Executor(cfg(gate=ProviderConfig(max_parallel=1)), {"gate": gate}) as ex:
+        out = fan_out(ex, iter(range(4)), lambda i: req("gate", f"p{i}"), window=1, timeout=0.2)
+        gate.gate.set()
+    assert out.complete and out.submitted == 4 and out.tasks == [0, 1, 2, 3]
+    assert [(e.index, e.error_type) for e in out.errors] == [(i, "TimeoutError") for i in range(4)]
+    assert "fan-out timeout of 0.2s passed" in out.errors[0].message
+    assert gate.prompts == ["p0"]  # window=1: the others were never submitted
+
+
+def test_on_result_raising_stops_the_fan_out_and_cancels_what_has_not_started(gate: GateProvider) -> None:
+    class Stop(Exception):
+        pass
+
+    def on_result(i: int, task: int, value: Any, error: TaskError | None) -> None:
+        raise Stop
+    fast = FakeProvider()
+    config = ExecutorConfig(providers={"gate": ProviderConfig(max_parallel=1), "fake": ProviderConfig()})
+    with Executor(config, {"gate": gate, "fake": fast}) as ex:
+        with pytest.raises(Stop):
+            fan_out(ex, range(6), lambda i: req("fake" if i == 0 else "gate", f"p{i}"), on_result=on_result)
+        gate.gate.set()
+    assert gate.prompts in ([], ["p1"])  # the queued gate requests were cancelled, not run
+
+
 def test_keyboard_interrupt_cancels_queued_requests_and_keeps_completed_results() -> None:
     gate = GateProvider()
     calls = {"n": 0}

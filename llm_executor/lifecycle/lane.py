@@ -246,7 +246,7 @@ class Lane:
         with self.lock:
             if self.scheduled:
                 self.scheduled -= 1
-            if self.active >= self.max_parallel or self.closed and not self.pending:
+            if self.active >= self.max_parallel or (self.closed and not self.pending):
                 return False
             self.active += 1
             return True
