@@ -28,7 +28,7 @@ from concurrent.futures import CancelledError, Future
 from types import TracebackType
 from typing import Any, TypeVar
 
-from .config import ExecutorConfig
+from .config import ExecutorConfig, validate_provider_names
 from .errors import QueueFullError
 from .lifecycle.engine import Engine
 from .lifecycle.lane import Lane
@@ -54,7 +54,8 @@ class Executor:
             tests pass a fake clock.
 
     Raises:
-        ConfigError: a configured built-in provider has no adapter, or a backend is unreachable.
+        ConfigError: a configured provider has no adapter, a fallback is not an enabled provider
+            (``config.validate_provider_names``), or a limits backend is unreachable.
     """
 
     def __init__(
@@ -66,7 +67,10 @@ class Executor:
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.config = config if config is not None else ExecutorConfig.from_env()
-        self._engine = Engine(self.config, dict(providers or {}), sleep=sleep, clock=clock or time.monotonic)
+        custom = dict(providers or {})
+        # The same check as ``llm-executor config``, so both refuse exactly the same names.
+        validate_provider_names(self.config, custom)
+        self._engine = Engine(self.config, custom, sleep=sleep, clock=clock or time.monotonic)
         self._exporter: PrometheusExporter | None = None
         # Dropped without shutdown(): cancel the queue and let the threads end (not at exit: there
         # the pool threads are joined first, and they finish the queue, as ThreadPoolExecutor's do).
@@ -192,23 +196,40 @@ class Executor:
         """Run requests and yield their responses in input order.
 
         Two shapes: ``map(requests)``, and ``map(fn, iterable)`` as in ``concurrent.futures``,
-        where ``fn(item)`` builds the ``LLMRequest`` of each item.
+        where ``fn(item)`` builds the ``LLMRequest`` of each item (called in the iterating thread,
+        once per item, in input order)::
+
+            for row, response in zip(rows, ex.map(make_request, rows)):
+                ...
+            out = list(ex.map(make_request, rows, return_exceptions=True, progress="enrich"))
 
         The input is read lazily (``llm_executor.window.SubmissionWindow``): at most
         ``queue_size`` + the lanes' MAX_PARALLEL requests are outstanding, and submission waits for
         room instead of failing fast, so a long iterable never trips backpressure by itself.
-        Stopping the iteration (or an error reaching the caller) cancels what has not started.
+        Stopping the iteration early — ``break``, an error reaching the caller, ``close()`` on the
+        iterator, or Ctrl-C / a notebook interrupt while it waits — cancels every request that
+        has not started (the provider never sees them; ``stats()`` counts them as cancelled);
+        calls already running finish. An interrupt that lands in the caller's loop body leaves
+        the iterator suspended until it is closed or collected: wrap it in
+        ``contextlib.closing(...)`` to cancel at once.
 
         Args:
-            timeout: seconds for the whole iteration, as in ``concurrent.futures``: waiting for a
-                response past it raises ``TimeoutError``.
-            return_exceptions: yield a failed request's exception (or the error ``fn`` or submit
-                raised for its item) in its place and go on; default False raises it when reached.
-            progress: show a ``tqdm.auto`` progress bar (a description, or True).
+            timeout: seconds from this call for the whole iteration, as in
+                ``concurrent.futures``: a response that is ready is yielded even after it passed;
+                waiting for one that is not raises ``TimeoutError`` and cancels what has not
+                started. Measured on the executor's ``clock``.
+            return_exceptions: yield a failed item's exception in its place and go on — the
+                request's error, or what ``fn`` or ``submit`` raised for it (an empty prompt:
+                ``InvalidRequestError``). Default False: that exception is raised when its
+                position is reached (the items before it are yielded first) and the rest are
+                cancelled.
+            progress: show a ``tqdm.auto`` progress bar (a description, or True). It hides
+                itself when stderr is not a terminal; in Jupyter it is a widget when ipywidgets
+                is installed, and hidden otherwise.
 
         Raises:
             TimeoutError: ``timeout`` seconds passed before the next response was ready.
-            The error of a failed request, when reached (unless ``return_exceptions``).
+            The error of a failed item, when reached (unless ``return_exceptions``).
         """
         from .window import SubmissionWindow
 
@@ -223,9 +244,12 @@ class Executor:
                 raise TypeError(f"map(fn, iterable): fn must be callable, got {type(fn_or_requests).__name__}")
             items, make_request = iterable, fn_or_requests
         window = (self.config.queue_size or 256) + sum(lane.pcfg.max_parallel for lane in self._engine.lanes.values())
+        # Errors of ``fn`` and ``submit`` always go onto the item's own Future, so that without
+        # ``return_exceptions`` they are raised when reached, after the rows before them (as
+        # ThreadPoolExecutor.map does), not when the window happens to read the bad row.
         submission: SubmissionWindow[Any, LLMRequest, LLMResponse] = SubmissionWindow(
             items, self._engine.submit, make_request, window=window, block=True, timeout=timeout,
-            isolate_errors=return_exceptions, progress=progress, unit="request", label="map()")
+            isolate_errors=True, progress=progress, unit="request", label="map()", clock=self._engine.clock)
         return _responses(submission, return_exceptions)
 
     def stats(self) -> ExecutorStats:
