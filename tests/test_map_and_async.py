@@ -276,3 +276,32 @@ def test_arun_timeout_raises_and_cancels_the_request_if_not_started(gate: GatePr
     with Executor(one("gate", max_parallel=1), {"gate": gate}) as ex:
         asyncio.run(main(ex))
     assert gate.prompts == ["running"]
+
+
+@pytest.mark.xfail(strict=True, raises=TimeoutError,
+                   reason="lifecycle: a cancelled or timed-out asubmit leaves its room watcher in "
+                   "Lane._room_watchers; the next freed slot wakes that stale watcher instead of a live waiter")
+def test_a_cancelled_async_waiter_does_not_swallow_the_next_free_slot(gate: GateProvider) -> None:
+    config = one("gate", max_parallel=1, queue_size=1, backpressure="block", block_timeout=1)
+
+    async def main(ex: Executor) -> None:
+        await ex.asubmit(req("gate", "running"))
+        await asyncio.to_thread(gate.wait_started)
+        queued = await ex.asubmit(req("gate", "queued"))  # the one queue slot
+        gave_up = asyncio.create_task(ex.asubmit(req("gate", "gave up")))
+        while not ex._lanes["gate"]._room_watchers:  # waiting for room
+            await asyncio.sleep(0)
+        gave_up.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gave_up
+        waiting = asyncio.create_task(ex.asubmit(req("gate", "waiting")))
+        while len(ex._lanes["gate"]._room_watchers) < 2:
+            await asyncio.sleep(0)
+        assert queued.cancel()  # frees the slot: the live waiter must get it, well before block_timeout
+        await asyncio.wait_for(waiting, 0.5)
+
+    with Executor(config, {"gate": gate}) as ex:
+        try:
+            asyncio.run(main(ex))
+        finally:
+            gate.gate.set()
