@@ -17,14 +17,18 @@ Why it is shaped like this:
 
 * **Thread pool, one Executor per worker process.** An LLM call waits on the network, so one
   process with many threads (``--pool threads``, or gevent) serves many tasks at once and its one
-  Executor holds MAX_PARALLEL and QPS for all of them. Under the default prefork pool every child
-  process builds its own Executor (``executor()`` checks the process id), and the limits then apply
-  per child: share them with ``LLM_EXECUTOR_RATE_BACKEND=redis://...``.
+  Executor holds MAX_PARALLEL and QPS for all of them: ``llm_executor.default_executor()``, built
+  from the environment by the first task and shared by every thread. Under the default prefork pool
+  every child process builds its own (``default_executor()`` does so after a fork), and the limits
+  then apply per child: share them with ``LLM_EXECUTOR_RATE_BACKEND=redis://...``.
 * **A full queue is a retry, not a failure.** ``QueueFullError`` and a retryable
   ``RateLimitedError`` become ``self.retry(countdown=ceil(retry_after_s))``: the task goes back to
   the broker instead of holding a worker thread. Other errors fail the task (``max_retries``
   bounds the rest).
 * **A deadline per request** (``LLMRequest.timeout``) below Celery's ``soft_time_limit``.
+* **No shutdown hook.** Celery's warm shutdown waits for the running tasks, and each task waits for
+  its own request, so nothing is queued in the Executor when the process exits. (The prefork
+  pool's ``worker_process_shutdown`` signal is not sent under ``--pool threads``.)
 """
 
 from __future__ import annotations
@@ -34,16 +38,14 @@ import math
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import worker_process_shutdown
 
-from llm_executor import Executor, ExecutorConfig, LLMRequest
+from llm_executor import LLMRequest, default_executor
 from llm_executor.errors import QueueFullError, RateLimitedError
 
 BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/12")
@@ -60,26 +62,6 @@ app.conf.update(
     result_expires=3600,
 )
 
-_lock = threading.Lock()
-_executor: Executor | None = None
-_pid = 0
-
-
-def executor() -> Executor:
-    """This process's Executor, built from the environment on first use (after a prefork fork)."""
-    global _executor, _pid
-    with _lock:
-        if _executor is None or _pid != os.getpid():
-            _executor = Executor(ExecutorConfig.from_env())
-            _pid = os.getpid()
-        return _executor
-
-
-@worker_process_shutdown.connect
-def _shutdown_executor(**_: Any) -> None:
-    if _executor is not None:
-        _executor.shutdown(wait=True, cancel_futures=True)
-
 
 @app.task(bind=True, max_retries=20, soft_time_limit=120)
 def summarize(self: Task, doc_id: str, text: str) -> dict[str, Any]:
@@ -87,7 +69,7 @@ def summarize(self: Task, doc_id: str, text: str) -> dict[str, Any]:
     request = LLMRequest(provider="openai", model="", prompt=f"Summarise in one sentence.\n\nText:\n{text}",
                          max_output_tokens=200, timeout=60, metadata={"doc_id": doc_id})
     try:
-        response = executor().run(request)
+        response = default_executor().run(request)
     except (QueueFullError, RateLimitedError) as exc:
         if isinstance(exc, RateLimitedError) and not exc.retryable:
             raise  # a quota, not a rate: retrying soon will not help
@@ -134,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             results = [r.get(timeout=max(0.1, deadline - time.monotonic())) for r in sent]
             elapsed_s = time.monotonic() - started
         finally:
-            worker.terminate()  # SIGTERM: Celery's warm shutdown, then our Executor's
+            worker.terminate()  # SIGTERM: Celery's warm shutdown
             try:
                 worker.wait(20)
             except subprocess.TimeoutExpired:

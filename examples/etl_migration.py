@@ -10,8 +10,9 @@ The same shape against an Executor (``--mode submit``) fails at about row QUEUE_
 with ``QueueFullError``: the executor keeps at most ``LLM_EXECUTOR_QUEUE_SIZE`` requests waiting
 and, by default, says so at once instead of holding your thread. Three ways out, all shown here:
 
-    --mode map      ex.map(...) reads the rows lazily and waits for room (input order kept; the
-                    first failed row raises, like ThreadPoolExecutor.map)
+    --mode map      ex.map(make_request, rows, return_exceptions=True) reads the rows lazily and
+                    waits for room (input order kept; a failed row's exception comes back in its
+                    place, so one bad row does not stop the batch), with a progress bar
     --mode fan_out  phases.fan_out(ex, rows, make_request): lazy too, and a failed row fails
                     alone (errors listed by row), with a progress bar
     --mode submit   the list comprehension kept as it is, with LLM_EXECUTOR_BACKPRESSURE=block
@@ -71,9 +72,17 @@ def enrich(row: dict[str, Any], response: LLMResponse) -> dict[str, Any]:
 def run(ex: Executor, rows: list[dict[str, Any]], mode: str) -> tuple[list[dict[str, Any]], dict[int, str]]:
     """Enrich ``rows`` through ``ex``; (enriched rows, error per failed row id)."""
     if mode == "map":
-        # Lazy: never more than QUEUE_SIZE + MAX_PARALLEL outstanding, whatever the batch size.
-        responses = ex.map(make_request(row) for row in rows)
-        return [enrich(row, resp) for row, resp in zip(rows, responses, strict=True)], {}
+        # ThreadPoolExecutor.map's shape. Lazy: never more than QUEUE_SIZE + MAX_PARALLEL
+        # outstanding, whatever the batch size. Without return_exceptions the first failed row
+        # would raise when reached and cancel the rest, as ThreadPoolExecutor.map does.
+        enriched, errors = [], {}
+        outcomes = ex.map(make_request, rows, return_exceptions=True, progress="enrich")
+        for row, outcome in zip(rows, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                errors[row["id"]] = f"{type(outcome).__name__}: {outcome}"
+            else:
+                enriched.append(enrich(row, outcome))
+        return enriched, errors
     if mode == "fan_out":
         out = fan_out(ex, rows, make_request, parse=enrich, progress="enrich")
         return [r for _, r in out.successes()], {e.task["id"]: f"{e.error_type}: {e.message}" for e in out.errors}

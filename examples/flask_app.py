@@ -16,9 +16,9 @@ Why it is shaped like this:
 * **One Executor per worker process, built after the fork.** gunicorn forks its workers from a
   master process; an Executor's threads do not survive a fork, and MAX_PARALLEL/QPS are per
   process anyway (share them across processes with ``LLM_EXECUTOR_RATE_BACKEND=redis://...``).
-  ``executor()`` builds it on the first request of each process, and again if the process id
-  changed (``gunicorn --preload`` imports this module in the master). gunicorn's ``post_fork``
-  hook would do as well.
+  ``llm_executor.default_executor()`` builds it from the environment on the first request of each
+  process, returns the same one to every handler thread after that, and builds a new one if the
+  process id changed (``gunicorn --preload`` imports this module in the master).
 * **Overload is an answer, not a crash.** With the default fail-fast backpressure a full queue
   raises ``QueueFullError`` at once; ``llm_executor.web.register_flask`` turns it into ``429`` with
   ``Retry-After: ceil(retry_after_s)``, a deadline into ``504``, a provider failure into ``502``,
@@ -30,13 +30,11 @@ Why it is shaped like this:
 
 from __future__ import annotations
 
-import atexit
 import os
-import threading
 
 from flask import Flask, jsonify, request
 
-from llm_executor import Executor, ExecutorConfig, LLMRequest
+from llm_executor import LLMRequest, default_executor
 from llm_executor.errors import InvalidRequestError
 from llm_executor.web import register_flask
 
@@ -44,21 +42,6 @@ REQUEST_TIMEOUT_S = float(os.environ.get("APP_REQUEST_TIMEOUT", "20"))
 
 app = Flask(__name__)
 register_flask(app)
-
-_lock = threading.Lock()
-_executor: Executor | None = None
-_pid = 0
-
-
-def executor() -> Executor:
-    """This process's Executor, built from the environment on first use (after gunicorn's fork)."""
-    global _executor, _pid
-    with _lock:
-        if _executor is None or _pid != os.getpid():
-            _executor = Executor(ExecutorConfig.from_env())
-            _pid = os.getpid()
-            atexit.register(_executor.shutdown, wait=False, cancel_futures=True)
-        return _executor
 
 
 @app.get("/health")
@@ -74,14 +57,14 @@ def summarize() -> object:
         raise InvalidRequestError("body must be JSON with a string field 'text'", field="text")
     llm_request = LLMRequest(provider="openai", model="", prompt=f"Summarise in one sentence:\n\n{text}",
                              max_output_tokens=200, timeout=REQUEST_TIMEOUT_S)
-    response = executor().run(llm_request, timeout=REQUEST_TIMEOUT_S + 1)
+    response = default_executor().run(llm_request, timeout=REQUEST_TIMEOUT_S + 1)
     return jsonify({"summary": response.text, "provider": response.provider, "queue_ms": response.queue_ms,
                     "pid": os.getpid()})
 
 
 @app.get("/stats")
 def stats() -> object:
-    return jsonify({name: snapshot.as_dict() for name, snapshot in executor().stats().items()})
+    return jsonify({name: snapshot.as_dict() for name, snapshot in default_executor().stats().items()})
 
 
 def main() -> None:

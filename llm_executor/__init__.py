@@ -2,6 +2,7 @@
 
 ``Executor.submit(LLMRequest)`` returns a ``concurrent.futures.Future`` at once; each provider
 has its own lane (a bounded queue, MAX_PARALLEL workers and a rate limiter).
+``default_executor()`` is one shared Executor per process, built from the environment.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from .config import ExecutorConfig, ProviderConfig
+from .default import default_executor
 from .executor import Executor, ExecutorStats, ProviderStats
 from .providers.protocol import Provider
 from .types import Capabilities, LLMRequest, LLMResponse
@@ -26,6 +28,7 @@ __all__ = [
     "ProviderConfig",
     "ProviderStats",
     "__version__",
+    "default_executor",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -28,7 +28,7 @@ from concurrent.futures import CancelledError, Future
 from types import TracebackType
 from typing import Any, TypeVar
 
-from .config import ExecutorConfig
+from .config import ExecutorConfig, validate_provider_names
 from .errors import QueueFullError
 from .lifecycle.engine import Engine
 from .lifecycle.lane import Lane
@@ -54,7 +54,8 @@ class Executor:
             tests pass a fake clock.
 
     Raises:
-        ConfigError: a configured built-in provider has no adapter, or a backend is unreachable.
+        ConfigError: a configured provider has no adapter, a fallback is not an enabled provider
+            (``config.validate_provider_names``), or a limits backend is unreachable.
     """
 
     def __init__(
@@ -66,7 +67,10 @@ class Executor:
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.config = config if config is not None else ExecutorConfig.from_env()
-        self._engine = Engine(self.config, dict(providers or {}), sleep=sleep, clock=clock or time.monotonic)
+        custom = dict(providers or {})
+        # The same check as ``llm-executor config``, so both refuse exactly the same names.
+        validate_provider_names(self.config, custom)
+        self._engine = Engine(self.config, custom, sleep=sleep, clock=clock or time.monotonic)
         self._exporter: PrometheusExporter | None = None
         # Dropped without shutdown(): cancel the queue and let the threads end (not at exit: there
         # the pool threads are joined first, and they finish the queue, as ThreadPoolExecutor's do).
@@ -155,20 +159,24 @@ class Executor:
         timeout_s = self.config.block_timeout
         give_up = None if timeout_s is None else loop.time() + timeout_s
         while True:
-            room: asyncio.Future[None] = loop.create_future()
-            watcher = _room_watcher(loop, room) if block else None
+            waiter = _RoomWaiter(loop) if block else None
             try:
-                return self._engine.submit(request, block=False, block_timeout=None, watcher=watcher)
+                return self._engine.submit(request, block=False, block_timeout=None, watcher=waiter)
             except QueueFullError as exc:
-                if not block:
+                if waiter is None:
                     raise
                 remaining = None if give_up is None else give_up - loop.time()
                 try:
-                    await asyncio.wait_for(room, remaining)
-                except TimeoutError:
-                    raise QueueFullError(
-                        f"{exc.provider} queue still full after {timeout_s}s (LLM_EXECUTOR_BLOCK_TIMEOUT)",
-                        retry_after_s=exc.retry_after_s, provider=exc.provider) from None
+                    await asyncio.wait_for(waiter.room, remaining)
+                except BaseException as stop:
+                    if waiter.woken():
+                        # Woken for a slot this caller will not take now: the next waiter gets it.
+                        self._engine.pass_room(exc.provider)
+                    if isinstance(stop, TimeoutError):
+                        raise QueueFullError(
+                            f"{exc.provider} queue still full after {timeout_s}s (LLM_EXECUTOR_BLOCK_TIMEOUT)",
+                            retry_after_s=exc.retry_after_s, provider=exc.provider) from None
+                    raise
 
     async def arun(self, request: LLMRequest, timeout: float | None = None) -> LLMResponse:
         """Submit ``request`` and await its response without blocking the event loop.
@@ -192,23 +200,40 @@ class Executor:
         """Run requests and yield their responses in input order.
 
         Two shapes: ``map(requests)``, and ``map(fn, iterable)`` as in ``concurrent.futures``,
-        where ``fn(item)`` builds the ``LLMRequest`` of each item.
+        where ``fn(item)`` builds the ``LLMRequest`` of each item (called in the iterating thread,
+        once per item, in input order)::
+
+            for row, response in zip(rows, ex.map(make_request, rows)):
+                ...
+            out = list(ex.map(make_request, rows, return_exceptions=True, progress="enrich"))
 
         The input is read lazily (``llm_executor.window.SubmissionWindow``): at most
         ``queue_size`` + the lanes' MAX_PARALLEL requests are outstanding, and submission waits for
         room instead of failing fast, so a long iterable never trips backpressure by itself.
-        Stopping the iteration (or an error reaching the caller) cancels what has not started.
+        Stopping the iteration early — ``break``, an error reaching the caller, ``close()`` on the
+        iterator, or Ctrl-C / a notebook interrupt while it waits — cancels every request that
+        has not started (the provider never sees them; ``stats()`` counts them as cancelled);
+        calls already running finish. An interrupt that lands in the caller's loop body leaves
+        the iterator suspended until it is closed or collected: wrap it in
+        ``contextlib.closing(...)`` to cancel at once.
 
         Args:
-            timeout: seconds for the whole iteration, as in ``concurrent.futures``: waiting for a
-                response past it raises ``TimeoutError``.
-            return_exceptions: yield a failed request's exception (or the error ``fn`` or submit
-                raised for its item) in its place and go on; default False raises it when reached.
-            progress: show a ``tqdm.auto`` progress bar (a description, or True).
+            timeout: seconds from this call for the whole iteration, as in
+                ``concurrent.futures``: a response that is ready is yielded even after it passed;
+                waiting for one that is not raises ``TimeoutError`` and cancels what has not
+                started. Measured on the executor's ``clock``.
+            return_exceptions: yield a failed item's exception in its place and go on — the
+                request's error, or what ``fn`` or ``submit`` raised for it (an empty prompt:
+                ``InvalidRequestError``). Default False: that exception is raised when its
+                position is reached (the items before it are yielded first) and the rest are
+                cancelled.
+            progress: show a ``tqdm.auto`` progress bar (a description, or True). It hides
+                itself when stderr is not a terminal; in Jupyter it is a widget when ipywidgets
+                is installed, and hidden otherwise.
 
         Raises:
             TimeoutError: ``timeout`` seconds passed before the next response was ready.
-            The error of a failed request, when reached (unless ``return_exceptions``).
+            The error of a failed item, when reached (unless ``return_exceptions``).
         """
         from .window import SubmissionWindow
 
@@ -223,9 +248,12 @@ class Executor:
                 raise TypeError(f"map(fn, iterable): fn must be callable, got {type(fn_or_requests).__name__}")
             items, make_request = iterable, fn_or_requests
         window = (self.config.queue_size or 256) + sum(lane.pcfg.max_parallel for lane in self._engine.lanes.values())
+        # Errors of ``fn`` and ``submit`` always go onto the item's own Future, so that without
+        # ``return_exceptions`` they are raised when reached, after the rows before them (as
+        # ThreadPoolExecutor.map does), not when the window happens to read the bad row.
         submission: SubmissionWindow[Any, LLMRequest, LLMResponse] = SubmissionWindow(
             items, self._engine.submit, make_request, window=window, block=True, timeout=timeout,
-            isolate_errors=return_exceptions, progress=progress, unit="request", label="map()")
+            isolate_errors=True, progress=progress, unit="request", label="map()", clock=self._engine.clock)
         return _responses(submission, return_exceptions)
 
     def stats(self) -> ExecutorStats:
@@ -280,17 +308,32 @@ def _responses(submission: Any, return_exceptions: bool) -> Iterator[Any]:
                 yield settled.future.result()
 
 
-def _room_watcher(loop: asyncio.AbstractEventLoop, room: asyncio.Future[None]) -> Callable[[], None]:
-    """A lane watcher that wakes ``room`` on its loop; called on the thread that freed a slot."""
+class _RoomWaiter:
+    """An ``asubmit`` waiting for a queue slot on ``loop`` (a ``lifecycle.lane.RoomWatcher``)."""
 
-    def wake() -> None:
-        if not room.done():
-            room.set_result(None)
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.room: asyncio.Future[None] = loop.create_future()
+        self._woken = False
 
-    def watcher() -> None:
+    def alive(self) -> bool:
+        # Read from the thread freeing a slot: a stale "alive" only costs that slot's wake-up,
+        # which the waiter passes on when it finds it did not need it (``woken``).
+        return not self.room.done() and not self.loop.is_closed()
+
+    def wake(self) -> bool:
+        if not self.alive():
+            return False
         try:
-            loop.call_soon_threadsafe(wake)
-        except RuntimeError:  # the loop is closed: nobody waits any more
-            pass
+            self.loop.call_soon_threadsafe(self._set)
+        except RuntimeError:  # the loop closed meanwhile
+            return False
+        return True
 
-    return watcher
+    def _set(self) -> None:
+        if not self.room.done():
+            self._woken = True
+            self.room.set_result(None)
+
+    def woken(self) -> bool:
+        return self._woken

@@ -92,6 +92,15 @@ class ProviderStats:
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)
 
+    def __str__(self) -> str:
+        return _text_table([self])
+
+    def _repr_html_(self) -> str:
+        return _html_table([self])
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(repr(self) if cycle else _text_table([self]))
+
 
 class ExecutorStats(Mapping[str, ProviderStats]):
     """Snapshots of every lane, by provider name (a read-only mapping)."""
@@ -111,9 +120,75 @@ class ExecutorStats(Mapping[str, ProviderStats]):
     def __repr__(self) -> str:
         return f"ExecutorStats({self._providers!r})"
 
+    def __str__(self) -> str:
+        """One line per provider: what ``print(ex.stats())`` shows."""
+        return _text_table(list(self._providers.values()))
+
+    def _repr_html_(self) -> str:
+        """An HTML table, one row per provider: how Jupyter shows ``ex.stats()``."""
+        return _html_table(list(self._providers.values()))
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """IPython's plain-text display: the table of ``__str__``."""
+        printer.text(repr(self) if cycle else str(self))
+
     def as_dict(self) -> dict[str, dict[str, Any]]:
         """Plain data (for JSON): ``{provider: {field: value}}``."""
         return {name: s.as_dict() for name, s in self._providers.items()}
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def _errors(s: ProviderStats) -> str:
+    return ", ".join(f"{name} {count}" for name, count in sorted(s.failed_by_error.items()))
+
+
+# The columns of the stats tables: (header, tooltip, cell of one snapshot). Each limit sits beside
+# what was observed, so a glance tells whether it held.
+_COLUMNS: tuple[tuple[str, str, Callable[[ProviderStats], str]], ...] = (
+    ("provider", "lane name", lambda s: s.provider),
+    ("queued", "accepted, not started", lambda s: str(s.queued)),
+    ("in flight", "provider calls running now", lambda s: str(s.in_flight)),
+    ("submitted", "accepted from callers", lambda s: str(s.submitted)),
+    ("completed", "ended with a response", lambda s: str(s.completed)),
+    ("failed", "ended with an exception", lambda s: str(s.failed)),
+    ("cancelled", "cancelled before they started", lambda s: str(s.cancelled)),
+    ("attempts", "provider calls made, retries included", lambda s: str(s.attempts)),
+    ("retries", "attempts beyond each request's first", lambda s: str(s.retries)),
+    ("p50 ms", "median provider time of successful attempts", lambda s: _ms(s.latency_ms_p50)),
+    ("p95 ms", "95th percentile provider time", lambda s: _ms(s.latency_ms_p95)),
+    ("queue ms", "mean wait from submit to the first attempt", lambda s: _ms(s.queue_ms_mean)),
+    ("tokens", "reported tokens of every attempt", lambda s: str(s.tokens)),
+    ("max in flight / limit", "most calls ever running at once / MAX_PARALLEL",
+     lambda s: f"{s.max_in_flight} / {s.max_parallel}"),
+    ("max starts 1s / qps", "most attempt starts in any 1 s window / QPS",
+     lambda s: f"{s.max_starts_1s} / {'-' if s.qps is None else f'{s.qps:g}'}"),
+    ("errors", "failed requests by error class", _errors),
+)
+
+
+def _text_table(rows: list[ProviderStats]) -> str:
+    if not rows:
+        return "ExecutorStats: no providers"
+    table = [[header for header, _, _ in _COLUMNS], *([cell(s) for _, _, cell in _COLUMNS] for s in rows)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(_COLUMNS))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths,
+                      strict=True))).rstrip() for row in table)
+
+
+def _html_table(rows: list[ProviderStats]) -> str:
+    from html import escape
+
+    head = "".join(f'<th title="{escape(tip)}">{escape(header)}</th>' for header, tip, _ in _COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td>{escape(cell(s))}</td>" for _, _, cell in _COLUMNS) + "</tr>"
+                   for s in rows)
+    paused = [f"{escape(s.provider)} paused by a 429 until "
+              f"{time.strftime('%H:%M:%S', time.localtime(s.paused_until))}" for s in rows if s.paused_until]
+    note = f"<p>{'; '.join(paused)}</p>" if paused else ""
+    return (f'<table class="llm-executor-stats"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table>{note}")
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:

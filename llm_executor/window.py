@@ -368,5 +368,8 @@ def _progress_bar(progress: str | bool | None, total: int | None, unit: str) -> 
     except ImportError:  # tqdm is a dependency, but a progress bar is never worth a crash
         return None
     desc = f"{unit}s" if progress is True else str(progress)
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=None, dynamic_ncols=True,
-                smoothing=0.1)
+    # In a Jupyter kernel stderr is no TTY, yet a bar is wanted: tqdm.auto draws a widget, or a
+    # text bar when ipywidgets is missing, but only if it is not disabled for the missing TTY.
+    in_kernel = "ipykernel" in sys.modules
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=False if in_kernel else None,
+                dynamic_ncols=True, smoothing=0.1)

@@ -10,10 +10,13 @@ Everything binds 127.0.0.1 on a free port, every wait is bounded, and the server
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -30,11 +33,16 @@ EXAMPLES = ROOT / "examples"
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """How to serve one example app: ``command(port)`` is the argv of a process serving it."""
+    """How to serve one example app: ``command(port)`` is the argv of a process serving it.
+
+    ``health_within_s``: when set, every ``/health`` probe made during the load must answer within
+    it (an async server whose handlers never block the event loop).
+    """
 
     name: str
     command: Callable[[int], Sequence[str]]
     startup_s: float = 60.0
+    health_within_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,7 @@ class Reply:
 
 @dataclass
 class LoadResult:
-    """Every client's reply, and the /health probes made while the load ran."""
+    """Every client's reply, and the /health probes made while the load ran (seconds; inf: failed)."""
 
     replies: list[Reply] = field(default_factory=list)
     health_s: list[float] = field(default_factory=list)
@@ -118,16 +126,21 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def load(base: str, path: str, payloads: Sequence[Mapping[str, Any]], *, timeout_s: float = 60.0,
-         health_every_s: float | None = 0.05) -> LoadResult:
-    """POST every payload to ``base + path`` at once, one client thread each; probe /health meanwhile.
+         health_every_s: float | None = None, health_after: int = 0) -> LoadResult:
+    """POST every payload to ``base + path`` at once, one client thread each; optionally probe /health.
 
     All clients start together (an Event), each request has ``timeout_s``, and the whole load is
-    bounded by ``2 * timeout_s``.
+    bounded by ``2 * timeout_s``. With ``health_every_s``, a separate process GETs ``/health`` that
+    often from the moment ``health_after`` replies have arrived until the last one has (with
+    ``health_after`` = the clients that are answered at once, the probes measure the server while
+    the rest wait for the LLM, not while it parses the initial burst).
     """
     result = LoadResult()
     lock = threading.Lock()
     go = threading.Event()
-    done = threading.Event()
+    probing = threading.Event()
+    if health_after <= 0:
+        probing.set()
 
     def client(payload: Mapping[str, Any]) -> None:
         go.wait(timeout_s)
@@ -143,26 +156,56 @@ def load(base: str, path: str, payloads: Sequence[Mapping[str, Any]], *, timeout
             reply = Reply(0, None, None, time.monotonic() - t0, f"{type(exc).__name__}: {exc}")
         with lock:
             result.replies.append(reply)
+            if len(result.replies) >= health_after:
+                probing.set()
 
-    def prober() -> None:
-        while not done.wait(health_every_s):
-            t0 = time.monotonic()
-            with contextlib.suppress(requests.RequestException):
-                requests.get(f"{base}/health", timeout=timeout_s)
-                result.health_s.append(time.monotonic() - t0)
-
-    threads = [threading.Thread(target=client, args=(p,), daemon=True) for p in payloads]
-    for t in threads:
-        t.start()
-    probe = threading.Thread(target=prober, daemon=True) if health_every_s else None
-    if probe is not None:
-        probe.start()
-    go.set()
-    end = time.monotonic() + 2 * timeout_s
-    for t in threads:
-        t.join(max(0.0, end - time.monotonic()))
-    done.set()
-    if probe is not None:
-        probe.join(timeout_s)
+    # The prober is a process of its own: in this one it would wait for the GIL behind the clients'
+    # threads, and measure them instead of the server.
+    prober = None if not health_every_s else subprocess.Popen(
+        [sys.executable, "-c", _PROBER, f"{base}/health", str(health_every_s), str(timeout_s)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        if prober is not None:
+            assert prober.stdout is not None and prober.stdout.readline() == "ready\n", "the prober did not start"
+        threads = [threading.Thread(target=client, args=(p,), daemon=True) for p in payloads]
+        for t in threads:
+            t.start()
+        go.set()
+        end = time.monotonic() + 2 * timeout_s
+        if prober is not None and probing.wait(2 * timeout_s):
+            assert prober.stdin is not None
+            prober.stdin.write("go\n")
+            prober.stdin.flush()
+        for t in threads:
+            t.join(max(0.0, end - time.monotonic()))
+        if prober is not None:
+            out, _ = prober.communicate("", timeout=timeout_s + 10)  # closing stdin stops it
+            result.health_s = [math.inf if s is None else float(s) for s in json.loads(out)]
+    finally:
+        if prober is not None and prober.poll() is None:
+            prober.kill()
+            prober.wait(5)
     assert not any(t.is_alive() for t in threads), "clients still waiting after the bound"
     return result
+
+
+# Say "ready", wait for "go" on stdin, then GET the URL every INTERVAL seconds until stdin closes;
+# print the seconds each GET took (null: failed) as JSON.
+_PROBER = """
+import json, select, sys, time
+import requests
+url, every, timeout = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+print("ready", flush=True)
+out = []
+if sys.stdin.readline() != "go\\n":
+    print("[]")
+    sys.exit()
+while not select.select([sys.stdin], [], [], every)[0]:
+    t0 = time.monotonic()
+    try:
+        ok = requests.get(url, timeout=timeout).status_code == 200
+    except requests.RequestException:
+        ok = False
+    out.append(time.monotonic() - t0 if ok else None)
+print(json.dumps(out))
+"""

@@ -66,6 +66,7 @@ LAYERS = {
     "metrics": {"types", "errors", "config"},
     "window": {"errors"},
     "web": {"errors"},
+    "default": {"config", "executor"},
 }
 
 

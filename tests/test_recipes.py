@@ -1,7 +1,8 @@
 """The runnable recipes of docs/recipes.md run as documented (small sizes), as a user would run them.
 
-Each example runs as a script in a subprocess with the repository on PYTHONPATH; the Flask
-recipe runs under real gunicorn in tests/test_web_servers.py.
+Each example runs as a script in a subprocess with the repository on PYTHONPATH; the Flask and
+FastAPI recipes run under real gunicorn and uvicorn in tests/test_web_servers.py, the notebook in a
+real Jupyter kernel in tests/test_notebook.py.
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ def test_etl_migration_submit_loop_trips_the_default_fail_fast_queue() -> None:
     assert "--mode map or fan_out, or LLM_EXECUTOR_BACKPRESSURE=block" in done.stderr
 
 
-def test_etl_migration_fan_out_keeps_going_past_failed_rows() -> None:
-    done = run_example("etl_migration.py", "--rows", "250", "--mode", "fan_out", "--fault-rate", "0.1")
+@pytest.mark.parametrize("mode", ["map", "fan_out"])
+def test_etl_migration_keeps_going_past_failed_rows(mode: str) -> None:
+    done = run_example("etl_migration.py", "--rows", "250", "--mode", mode, "--fault-rate", "0.1")
     assert done.returncode == 1, done.stdout + done.stderr
-    match = re.search(r"250 rows: (\d+) enriched, (\d+) failed \(mode fan_out\)", done.stdout)
+    match = re.search(rf"250 rows: (\d+) enriched, (\d+) failed \(mode {mode}\)", done.stdout)
     assert match and int(match.group(2)) > 0 and int(match.group(1)) + int(match.group(2)) == 250
     assert re.search(r"row \d+: ProviderError", done.stdout)
 

@@ -41,7 +41,7 @@ from ..providers.protocol import Provider
 from ..providers.registry import create_builtin
 from ..types import LLMRequest, LLMResponse
 from ..validation import check_capabilities, normalize_schema
-from .lane import Lane
+from .lane import Lane, RoomWatcher
 from .reaper import DeadlineReaper
 from .request import Request
 from .routing import choose_auto, model_for
@@ -155,7 +155,7 @@ class Engine:
         return lane
 
     def submit(self, request: LLMRequest, *, block: bool, block_timeout: float | None,
-               watcher: Callable[[], None] | None = None) -> Future[LLMResponse]:
+               watcher: RoomWatcher | None = None) -> Future[LLMResponse]:
         """Validate, route and admit ``request``; its Future at once (see ``Executor.submit``)."""
         if self.closed:
             raise ExecutorShutdownError("submit() after shutdown()")
@@ -198,6 +198,12 @@ class Engine:
                 entry.cancel_removed()
             raise
         return entry.future
+
+    def pass_room(self, lane_name: str | None) -> None:
+        """An async caller gave up a slot it was woken for: wake the next waiter of that lane."""
+        lane = self.lanes.get(lane_name or "")
+        if lane is not None:
+            lane.pass_room()
 
     def start_worker(self, lane: Lane) -> None:
         """Hand the pool one more worker loop for ``lane`` (counted as scheduled already)."""

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..config import ExecutorConfig, ProviderConfig
 from ..errors import ExecutorShutdownError, QueueFullError
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from ..limits import LaneLimiter
     from ..retry import RetryPolicy
 
-__all__ = ["LINGER_S", "Lane"]
+__all__ = ["LINGER_S", "Lane", "RoomWatcher"]
 
 log = logging.getLogger("llm_executor")
 
@@ -46,6 +46,20 @@ log = logging.getLogger("llm_executor")
 LINGER_S = 0.05
 # Before the first response, how long one provider call is assumed to take (for estimates).
 _ASSUMED_CALL_S = 0.5
+
+
+class RoomWatcher(Protocol):
+    """An async caller waiting for a queue slot (``Executor.asubmit`` under "block" backpressure).
+
+    Both methods are called under the lane's lock from whichever thread frees a slot: they must
+    not block.
+    """
+
+    def alive(self) -> bool:
+        """False once the caller stopped waiting (timed out, cancelled, its loop closed)."""
+
+    def wake(self) -> bool:
+        """Tell the caller a slot is free; False when it no longer waits (the wake goes on)."""
 
 
 class Lane:
@@ -99,7 +113,7 @@ class Lane:
         self.wake: queue.SimpleQueue[None] = queue.SimpleQueue()
         self.closed = False
         self.paused_until = 0.0  # clock value
-        self._room_watchers: list[Callable[[], None]] = []
+        self._room_watchers: list[RoomWatcher] = []
 
     # -- admission -----------------------------------------------------------------------------
 
@@ -108,7 +122,7 @@ class Lane:
         return self.closed or self.capacity == 0 or self.pending < self.capacity
 
     def admit(self, request: Request, seq: int, *, block: bool, timeout_s: float | None,
-              watcher: Callable[[], None] | None = None) -> bool:
+              watcher: RoomWatcher | None = None) -> bool:
         """Queue a caller's request, applying backpressure.
 
         Args:
@@ -116,8 +130,8 @@ class Lane:
             seq: a tie-breaker, increasing in submission order.
             block: wait for room ("block" backpressure) instead of failing at once.
             timeout_s: the longest wait when blocking (None = forever).
-            watcher: when the lane is full and not blocking, call this (once, from the thread that
-                frees a slot; it must not block) — how async callers wait for room.
+            watcher: when the lane is full and not blocking, wake this caller when a slot frees
+                (how async callers wait for room without blocking a thread).
 
         Returns:
             True when the caller must start a worker loop (``start_worker``).
@@ -130,6 +144,8 @@ class Lane:
             if not self.has_room():
                 if not block:
                     if watcher is not None:
+                        if len(self._room_watchers) >= 32:  # callers that gave up: forget them
+                            self._room_watchers = [w for w in self._room_watchers if w.alive()]
                         self._room_watchers.append(watcher)
                     raise self._queue_full(waited_s=None)
                 if timeout_s is not None:
@@ -191,8 +207,16 @@ class Lane:
 
     def _room_freed_locked(self) -> None:
         self.not_full.notify()
-        if self._room_watchers:
-            self._room_watchers.pop(0)()
+        # One free slot wakes one async caller that still waits: one that gave up passes it on.
+        while self._room_watchers:
+            if self._room_watchers.pop(0).wake():
+                return
+
+    def pass_room(self) -> None:
+        """An async caller woken for a slot gave up before taking it: wake the next one."""
+        with self.lock:
+            if self.has_room():
+                self._room_freed_locked()
 
     # -- taking requests off the heap ----------------------------------------------------------
 
@@ -301,7 +325,7 @@ class Lane:
     def _fire_all_watchers_locked(self) -> None:
         watchers, self._room_watchers = self._room_watchers, []
         for watcher in watchers:
-            watcher()
+            watcher.wake()
 
     def discard_after_fork(self) -> int:
         """In a forked child: forget the parent's queue and threads; returns the queue length."""
