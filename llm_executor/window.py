@@ -370,6 +370,14 @@ def _progress_bar(progress: str | bool | None, total: int | None, unit: str) -> 
     desc = f"{unit}s" if progress is True else str(progress)
     # In a Jupyter kernel stderr is no TTY, yet a bar is wanted: tqdm.auto draws a widget, or a
     # text bar when ipywidgets is missing, but only if it is not disabled for the missing TTY.
-    in_kernel = "ipykernel" in sys.modules
+    in_kernel = _in_jupyter_kernel()
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=False if in_kernel else None,
                 dynamic_ncols=True, smoothing=0.1)
+
+
+def _in_jupyter_kernel() -> bool:
+    """True when running in a Jupyter kernel (IPython's ZMQ shell), not merely with IPython imported."""
+    ipython = sys.modules.get("IPython")
+    get_ipython = getattr(ipython, "get_ipython", None)
+    shell = get_ipython() if callable(get_ipython) else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
