@@ -490,3 +490,34 @@ def test_capabilities_check_uses_the_lanes_default_model() -> None:
     with Executor(config, {"fake": provider}) as ex:
         with pytest.raises(Exception, match="at most 10"):
             ex.submit(LLMRequest("fake", "", "hi", max_output_tokens=50))
+
+
+# -- issue 14 item 1: an honest QueueFullError ----------------------------------------------------
+
+
+def test_queue_full_says_what_to_do_and_estimates_one_slot_not_the_whole_queue(gate: GateProvider) -> None:
+    config = ExecutorConfig(providers={"gate": ProviderConfig(max_parallel=4, qps=50)}, queue_size=100)
+    with Executor(config, {"gate": gate}) as ex:
+        for i in range(104):
+            ex.submit(req("gate", str(i)))
+        gate.wait_started(4)
+        with pytest.raises(QueueFullError) as info:
+            ex.submit(req("gate", "one too many"))
+        message = str(info.value)
+        assert "Executor.map()" in message and "LLM_EXECUTOR_BACKPRESSURE=block" in message
+        assert "LLM_EXECUTOR_QUEUE_SIZE" in message
+        # Before any response: an assumed 0.5 s call over 4 workers, not 100 queued x 1 s / 4 = 25 s.
+        assert info.value.retry_after_s == pytest.approx(0.125)
+        gate.gate.set()
+
+
+def test_queue_full_estimate_follows_the_measured_call_time() -> None:
+    provider = FakeProvider()
+    config = ExecutorConfig(providers={"fake": ProviderConfig(max_parallel=2)}, queue_size=1)
+    with Executor(config, {"fake": provider}) as ex:
+        for _ in range(5):
+            ex.run(req(), timeout=5)
+        lane = ex._lanes["fake"]
+        mean_s = lane.metrics.mean_latency_s()
+        assert mean_s is not None and mean_s < 0.05
+        assert lane.retry_after_estimate_s() == pytest.approx(max(0.05, mean_s / 2), abs=1e-3)
