@@ -110,3 +110,26 @@ def test_phases_testing_and_cli_use_only_the_public_api() -> None:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module in ("executor", "limits", "lifecycle"):
                 pytest.fail(f"{path.name} imports internal module {node.module}")
+
+
+def test_per_attempt_copies_carry_every_field() -> None:
+    """``for_attempt``/``completed`` build the frozen types field by field: none may be forgotten."""
+    import dataclasses
+
+    from llm_executor import LLMRequest, LLMResponse
+
+    request = LLMRequest("p", "m", "prompt", system="s", max_output_tokens=5, temperature=0.5,
+                         json_schema={"type": "object"}, request_id="r", priority=2, timeout=3.0,
+                         metadata={"k": "v"})
+    changes = dict(provider="q", model="n", request_id="x", prompt="other", max_output_tokens=7,
+                   json_schema={"type": "array"}, timeout=1.5)
+    copy = request.for_attempt(**changes)
+    assert copy == dataclasses.replace(request, **changes) and copy.metadata == request.metadata
+    assert {f.name for f in dataclasses.fields(LLMRequest)} == set(LLMRequest.__slots__)
+    response = LLMResponse("t", "p", "m", "length", 9, raw_finish_reason="MAX_TOKENS", prompt_tokens=4,
+                           completion_tokens=5)
+    filled = dict(provider="q", request_id="x", latency_ms=1.5, queue_ms=2.5, attempts=3, data={"a": 1})
+    done = response.completed(**filled)
+    assert done == dataclasses.replace(response, **filled) and done.data == {"a": 1}
+    for obj, cls in ((copy, LLMRequest), (done, LLMResponse)):
+        assert all(hasattr(obj, f.name) for f in dataclasses.fields(cls)), cls
