@@ -260,9 +260,12 @@ def build_client(url: str) -> Any:
                                 "socket_timeout": SOCKET_TIMEOUT_S}
     try:
         scheme = url.split("://", 1)[0]
-        unknown = {k for k, _ in parse_qsl(urlsplit(url).query)} - REDIS_URL_OPTIONS
-        if unknown:
-            raise ValueError(f"unknown option(s) {sorted(unknown)}; expected some of {sorted(REDIS_URL_OPTIONS)}")
+        options = {k for k, _ in parse_qsl(urlsplit(url).query)}
+        if options - REDIS_URL_OPTIONS:
+            raise ValueError(f"unknown option(s) {sorted(options - REDIS_URL_OPTIONS)}; expected some of "
+                             f"{sorted(REDIS_URL_OPTIONS)}")
+        if not scheme.startswith("rediss") and any(k.startswith("ssl_") for k in options):
+            raise ValueError("ssl_* options need a TLS scheme (rediss:// or rediss+cluster://)")
         if scheme not in CLUSTER_SCHEMES:
             return redis.Redis.from_url(url, retry=retry, **defaults)
         from redis import cluster, connection
