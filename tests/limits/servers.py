@@ -9,6 +9,7 @@ short node timeout, so a killed master fails over in about two seconds. Every wa
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -25,6 +26,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_cluster_port() -> int:
+    """A free port below 55536 whose cluster bus port (+10000) is free too (Redis Cluster needs both)."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 30000)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free pair of ports for a cluster node")
 
 
 def _require(binary: str) -> str:
@@ -151,7 +167,10 @@ class RedisClusterNodes:
         self.cli = _require("redis-cli")
         self.nodes = [RedisServer(directory / f"node{i}", "--cluster-enabled", "yes",
                                   "--cluster-config-file", "nodes.conf",
-                                  "--cluster-node-timeout", str(node_timeout_ms))
+                                  "--cluster-node-timeout", str(node_timeout_ms),
+                                  # A replica that never finished its first sync cannot take over:
+                                  # sync at once rather than after the default 5 s delay.
+                                  "--repl-diskless-sync-delay", "0", port=free_cluster_port())
                       for i in range(2 * masters)]
 
     @property
@@ -172,11 +191,13 @@ class RedisClusterNodes:
         return done.stdout
 
     def wait_ok(self, timeout_s: float = 30.0, without: int | None = None) -> None:
-        """Wait until every running node (but ``without``) reports cluster_state:ok and agrees on the masters."""
+        """Wait until every running node (but ``without``) reports cluster_state:ok and every replica is in sync."""
         deadline = time.monotonic() + timeout_s
         while True:
             ports = [n.port for n in self.nodes if n.proc is not None and n.proc.poll() is None and n.port != without]
-            if all("cluster_state:ok" in self.cli_call(p, "cluster", "info") for p in ports):
+            replication = [self.cli_call(p, "info", "replication") for p in ports]
+            if (all("cluster_state:ok" in self.cli_call(p, "cluster", "info") for p in ports)
+                    and all("master_link_status:up" in r for r in replication if "role:slave" in r)):
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError("the test cluster did not reach cluster_state:ok")
