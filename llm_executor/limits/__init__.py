@@ -168,6 +168,7 @@ class LaneLimiter:
         self._local: MemoryBackend | None = None  # guarded by _lock: set while the shared store is lost
         self._probing = False  # guarded by _lock: one caller at a time asks a lost store again
         self._next_probe_s = 0.0  # guarded by _lock
+        self._generation = 0  # written under _lock: how many times the lane went back to the store
         self._leases: dict[str, Backend] = {}  # guarded by _lock: held slots and their store
         # guarded by _lock: this process's recent starts on the shared store (monotonic ms, member),
         # to seed the local fallback so losing the store does not hand out a second budget.
@@ -247,11 +248,19 @@ class LaneLimiter:
             return local
         with self._lock:
             self._local = None
+            self._generation += 1
             for holder, backend in self._leases.items():
                 if backend is local:
                     self._leases[holder] = self._shared
             if self._leases:
                 self._start_renewer()
+            # Slots released between the seal and now were recorded as held: give them back.
+            released = set(usage.holders) - set(self._leases)
+        for holder in released:
+            try:
+                self._shared.release_slot(holder)
+            except BackendLostError:
+                break  # their leases expire within the TTL
         log.warning("rate backend %s answers again; %s uses shared limits again (%d starts, %d slots of this "
                     "process recorded into it)", self.backend_url, self.name, len(usage.rate_entries),
                     len(usage.holders), extra={"provider": self.name})
@@ -281,12 +290,25 @@ class LaneLimiter:
         return local
 
     def _run(self, op: Callable[[Backend], T]) -> tuple[Backend, T]:
+        generation = self._generation
         backend = self._current()
         try:
             return backend, op(backend)
-        except BackendLostError as exc:
+        except BackendLostError as first:
+            exc = first
             if backend is not self._shared:
                 raise  # pragma: no cover - the memory backend never loses its store
+            if generation != self._generation:
+                # This call timed out on the store as it was before the lane went back to it:
+                # the store answers now. Ask again rather than fall back a second time (which
+                # would hand this process a fresh local budget while the others share one).
+                backend = self._current()
+                try:
+                    return backend, op(backend)
+                except BackendLostError as again:
+                    if backend is not self._shared:
+                        raise  # pragma: no cover
+                    exc = again
             local = self._lost(exc)
             return local, op(local)
 
@@ -459,6 +481,8 @@ class LaneLimiter:
         fail_closed; 0 before any call, or when the lane has no QPS/RPM.
         """
         with self._lock:
+            if self._wait_s >= LOST_WAIT_S:
+                return LOST_WAIT_S  # until a call reaches the store again
             return max(0.0, self._wait_s - (self._clock_s() - self._wait_at_s))
 
     # -- TPM -----------------------------------------------------------------------------------

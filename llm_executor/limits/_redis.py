@@ -260,11 +260,11 @@ def build_client(url: str) -> Any:
                                 "socket_timeout": SOCKET_TIMEOUT_S}
     try:
         scheme = url.split("://", 1)[0]
-        options = {k for k, _ in parse_qsl(urlsplit(url).query)}
-        if options - REDIS_URL_OPTIONS:
-            raise ValueError(f"unknown option(s) {sorted(options - REDIS_URL_OPTIONS)}; expected some of "
+        query_keys = {k for k, _ in parse_qsl(urlsplit(url).query)}
+        if query_keys - REDIS_URL_OPTIONS:
+            raise ValueError(f"unknown option(s) {sorted(query_keys - REDIS_URL_OPTIONS)}; expected some of "
                              f"{sorted(REDIS_URL_OPTIONS)}")
-        if not scheme.startswith("rediss") and any(k.startswith("ssl_") for k in options):
+        if not scheme.startswith("rediss") and any(k.startswith("ssl_") for k in query_keys):
             raise ValueError("ssl_* options need a TLS scheme (rediss:// or rediss+cluster://)")
         if scheme not in CLUSTER_SCHEMES:
             return redis.Redis.from_url(url, retry=retry, **defaults)

@@ -8,6 +8,7 @@ only when no server answers, and fail instead when LLM_EXECUTOR_REQUIRE_REDIS=1 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -91,9 +92,9 @@ def shared_url(request: pytest.FixtureRequest, tmp_path: Path, namespace: str) -
 MakeLimiter = Callable[..., LaneLimiter]
 
 
-@pytest.fixture
-def make_limiter(namespace: str) -> Iterator[MakeLimiter]:
-    """Build limiters for lane "openai"; all are closed after the test."""
+@contextlib.contextmanager
+def limiter_factory(namespace: str) -> Iterator[MakeLimiter]:
+    """A function building limiters for lane "openai" in ``namespace``; all are closed on exit."""
     made: list[LaneLimiter] = []
 
     def make(url: str, *, name: str = "openai", lease_ttl_s: float = 30.0,
@@ -105,6 +106,15 @@ def make_limiter(namespace: str) -> Iterator[MakeLimiter]:
         made.append(limiter)
         return limiter
 
-    yield make
-    for limiter in made:
-        limiter.close()
+    try:
+        yield make
+    finally:
+        for limiter in made:
+            limiter.close()
+
+
+@pytest.fixture
+def make_limiter(namespace: str) -> Iterator[MakeLimiter]:
+    """Build limiters for lane "openai"; all are closed after the test."""
+    with limiter_factory(namespace) as make:
+        yield make
