@@ -94,6 +94,11 @@ RECOVERY_CHECK_S = 0.5
 # Without a deadline a start may be reserved this far ahead (about 24 days: no limit in practice).
 _NO_DEADLINE_MS = 2**31 - 1
 
+# A caller that wakes this much later than its reserved start asks again for a start it can keep
+# (a quarter of the window margin: the rest covers the way to the wire).
+LATE_WAKE_S = WINDOW_MARGIN_MS / 4000.0
+MAX_MOVES = 3  # on a starved machine, the fourth late start goes ahead rather than loop
+
 # "auto" routing steers away from a lane whose store is lost under fail_closed.
 LOST_WAIT_S = 3600.0
 
@@ -343,35 +348,62 @@ class LaneLimiter:
 
     def _take(self, make: Callable[[int], Ask], what: str, stopping: threading.Event,
               deadline_monotonic: float | None) -> tuple[Backend, Ask]:
-        """Ask until everything is taken, then sleep until the reserved start; waits on ``stopping``."""
-        while True:
-            if stopping.is_set():
-                raise ExecutorShutdownError(f"executor shut down while {self.name} waited for {what}")
-            remaining_s = None if deadline_monotonic is None else deadline_monotonic - self._clock_s()
-            if remaining_s is not None and remaining_s <= 0:
-                raise DeadlineExceededError(f"request deadline passed while {self.name} waited for {what}",
-                                            provider=self.name)
-            ask = make(_NO_DEADLINE_MS if remaining_s is None else int(remaining_s * 1000))
-            backend, verdict = self._admit_once(ask)
-            wait_s = verdict.wait_ms / 1000.0
-            if verdict.taken:
-                if wait_s > 0 and stopping.wait(wait_s):
-                    self._give_back(backend, ask)
+        """Ask until everything is taken, then sleep until the reserved start; waits on ``stopping``.
+
+        Returns the store and the ask that took the slot, tokens and entry.
+        """
+        taken: tuple[Backend, Ask] | None = None
+        moves = 0
+        try:
+            while True:
+                if stopping.is_set():
                     raise ExecutorShutdownError(f"executor shut down while {self.name} waited for {what}")
-                return backend, ask
-            if verdict.blocked_by == "rate":
-                raise DeadlineExceededError(
-                    f"request deadline passes before {self.name}'s rate token is free (next in {wait_s:.3f}s)",
-                    provider=self.name)
-            if remaining_s is not None and verdict.blocked_by == "tokens" and wait_s > remaining_s:
-                raise DeadlineExceededError(
-                    f"request deadline passes before {self.name}'s token budget is free (next in {wait_s:.3f}s)",
-                    provider=self.name)
-            # Another process's release cannot wake us: look again shortly (or at the deadline).
-            stopping.wait(wait_s if remaining_s is None else max(0.001, min(wait_s, remaining_s)))
+                remaining_s = None if deadline_monotonic is None else deadline_monotonic - self._clock_s()
+                if remaining_s is not None and remaining_s <= 0:
+                    raise DeadlineExceededError(f"request deadline passed while {self.name} waited for {what}",
+                                                provider=self.name)
+                max_wait_ms = _NO_DEADLINE_MS if remaining_s is None else int(remaining_s * 1000)
+                if taken is None:
+                    ask = make(max_wait_ms)
+                else:
+                    # Woken too late for the reserved start: the entry moves to a start this caller
+                    # can still keep (the store replaces an entry of the same member).
+                    ask = Ask(rates=taken[1].rates, member=taken[1].member, max_wait_ms=max_wait_ms)
+                asked_s = self._clock_s()
+                backend, verdict = self._admit_once(ask)
+                wait_s = verdict.wait_ms / 1000.0
+                if verdict.taken:
+                    if taken is None:
+                        taken = (backend, ask)
+                    if wait_s > 0:
+                        stopping.wait(wait_s)
+                        if stopping.is_set():
+                            continue
+                    # The entry's start is at the earliest ``asked_s + wait_s`` on our clock. A caller
+                    # whose answer came back slowly, or that woke late, would start later than its
+                    # entry says, and the provider would count it in a later window than the store
+                    # did: it asks again (a few times at most) for a start it can keep.
+                    if ask.rates and moves < MAX_MOVES and self._clock_s() - (asked_s + wait_s) > LATE_WAKE_S:
+                        moves += 1
+                        continue
+                    result, taken = taken, None
+                    return result
+                if verdict.blocked_by == "rate":
+                    raise DeadlineExceededError(
+                        f"request deadline passes before {self.name}'s rate token is free (next in {wait_s:.3f}s)",
+                        provider=self.name)
+                if remaining_s is not None and verdict.blocked_by == "tokens" and wait_s > remaining_s:
+                    raise DeadlineExceededError(
+                        f"request deadline passes before {self.name}'s token budget is free (next in "
+                        f"{wait_s:.3f}s)", provider=self.name)
+                # Another process's release cannot wake us: look again shortly (or at the deadline).
+                stopping.wait(wait_s if remaining_s is None else max(0.001, min(wait_s, remaining_s)))
+        finally:
+            if taken is not None:  # leaving with an error: give back what was taken
+                self._give_back(*taken)
 
     def _give_back(self, backend: Backend, ask: Ask) -> None:
-        """Return what ``ask`` took (a shutdown ended the wait for its reserved start)."""
+        """Return what ``ask`` took (a shutdown or deadline ended the wait for its reserved start)."""
         try:
             if ask.rates:
                 backend.cancel(ask.member)

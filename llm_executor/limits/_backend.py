@@ -204,7 +204,8 @@ class Ask:
 
     Attributes:
         rates: QPS/RPM limits; empty = no rate entry.
-        member: unique name of the rate entry (``cancel`` removes it).
+        member: unique name of the rate entry (``cancel`` removes it). An entry of the same
+            member already in the log is replaced: asking again moves a reserved start.
         max_wait_ms: a start up to this far ahead is reserved and the caller sleeps until it;
             further ahead, nothing is taken (0 = now or never, as ``try_acquire``).
         tokens: TPM tokens to reserve when ``tpm_limit`` is set.
@@ -375,6 +376,7 @@ class MemoryBackend:
                 return Verdict(False, SLOT_POLL_MS, "rejoin")
             now = self._now_ms()
             if ask.rates:
+                self._remove(ask.member)
                 self._trim(now, ask.rates)
             verdict = admit_decide(ask, now, slot_taken=ask.holder in self._slots, slots_held=len(self._slots),
                                    tpm_buckets=self._live_tpm(now) if ask.tpm_limit is not None else {},
@@ -390,11 +392,14 @@ class MemoryBackend:
                     self._add_entry(start, ask.member)
             return verdict
 
+    def _remove(self, member: str) -> None:
+        start = self._members.pop(member, None)
+        if start is not None:
+            self._log.remove((start, member))
+
     def cancel(self, member: str) -> None:
         with self._lock:
-            start = self._members.pop(member, None)
-            if start is not None:
-                self._log.remove((start, member))
+            self._remove(member)
 
     def rate_wait_s(self, rates: Sequence[Rate]) -> float:
         with self._lock:

@@ -119,6 +119,7 @@ local n = tonumber(ARGV[12])
 local start, longest = now, 0
 if n > 0 then
   for i = 1, n do longest = math.max(longest, tonumber(ARGV[12 + 2 * i])) end
+  redis.call('ZREM', KEYS[1], ARGV[2])
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - longest))
   local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
   if newest[2] and tonumber(newest[2]) > start then start = tonumber(newest[2]) end

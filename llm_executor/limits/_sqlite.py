@@ -179,8 +179,8 @@ class SQLiteBackend:
                 (held,) = conn.execute("SELECT COUNT(*) FROM llm_executor_slots WHERE lane = ?",
                                        (self.lane_key,)).fetchone()
             if ask.rates:
-                conn.execute("DELETE FROM llm_executor_rate WHERE lane = ? AND start_ms < ?",
-                             (self.lane_key, rate_horizon_ms(now, ask.rates)))
+                conn.execute("DELETE FROM llm_executor_rate WHERE lane = ? AND (start_ms < ? OR member = ?)",
+                             (self.lane_key, rate_horizon_ms(now, ask.rates), ask.member))
             verdict = admit_decide(ask, now, slot_taken=slot_taken, slots_held=int(held),
                                    tpm_buckets=self._live_tpm(conn, now) if ask.tpm_limit is not None else {},
                                    nth_newest=self._nth_newest(conn))

@@ -92,6 +92,7 @@ op_st = st.one_of(
     st.tuples(st.just("advance"), st.integers(0, 300)),
     st.tuples(st.just("admit"), st.booleans(), st.booleans(), st.integers(0, 40), st.sampled_from([0, 0, 50, 500])),
     st.tuples(st.just("cancel"), st.integers(0, 50)),
+    st.tuples(st.just("readmit"), st.integers(0, 50), st.sampled_from([0, 50, 500])),
     st.tuples(st.just("settle"), st.integers(-60, 60)),
     st.tuples(st.just("release"), st.integers(0, 50)),
 )
@@ -123,7 +124,15 @@ def _run(world: World, rates: tuple[Rate, ...], tpm: int, cap: int, ops: list[tu
                 if with_slot:
                     holders.append(ask.holder)
             continue
-        if kind == "cancel" and members:
+        if kind == "readmit" and members:
+            # A caller woken late moves its reserved start: the same member asks again.
+            member = members.pop(op[1] % len(members))
+            ask = Ask(rates=rates, member=member, max_wait_ms=op[2])
+            for name, backend in world.backends.items():
+                traces[name].append(("admit", world.clock.now, backend.admit(ask), ask))
+            if traces["memory"][-1][2].taken:
+                members.append(member)
+        elif kind == "cancel" and members:
             member = members.pop(op[1] % len(members))
             for backend in world.backends.values():
                 backend.cancel(member)
@@ -168,9 +177,14 @@ def _windows_hold(starts: list[int], rates: tuple[Rate, ...]) -> None:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rates=rates_st.filter(bool), ops=st.lists(op_st, max_size=40))
 def test_admitted_starts_never_crowd_a_window(worlds: Any, rates: tuple[Rate, ...], ops: list[tuple[Any, ...]]) -> None:
-    trace = _run(worlds(), rates, 10**6, 10**6, [op for op in ops if op[0] in ("advance", "admit")])
-    starts = [now + verdict.wait_ms for kind, now, verdict, *_ in trace if kind == "admit" and verdict.taken]
-    _windows_hold(starts, rates)
+    trace = _run(worlds(), rates, 10**6, 10**6, [op for op in ops if op[0] in ("advance", "admit", "readmit")])
+    starts: dict[str, int] = {}  # member -> its start; asking again moves it, a refusal removes it
+    for _, now, verdict, ask in (e for e in trace if e[0] == "admit"):
+        if verdict.taken:
+            starts[ask.member] = now + verdict.wait_ms
+        else:
+            starts.pop(ask.member, None)
+    _windows_hold(list(starts.values()), rates)
     # A start refused now-or-never had a full window, and its wait names the first free instant.
     for _, _, verdict, ask in (e for e in trace if e[0] == "admit"):
         if not verdict.taken:
