@@ -70,7 +70,7 @@ def worlds(tmp_path: Path, redis_urls: list[tuple[str, str, str]]) -> Iterator[A
 
     def world() -> World:
         clock = Clock()
-        lane = f"{redis_urls[0][2]}:lane{next(counter)}"
+        lane = f"{redis_urls[0][2]}:lane{next(counter)}-{uuid.uuid4().hex[:6]}"
         backends: dict[str, Any] = {
             "memory": MemoryBackend(now_ms=clock),
             "sqlite": SQLiteBackend(f"sqlite:///{tmp_path / 'props.db'}", lane, now_ms=clock),
