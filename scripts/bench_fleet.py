@@ -47,9 +47,9 @@ from tests.limits.servers import RedisClusterNodes, RedisServer
 
 # Published request limits of the largest accounts, for scale (provider docs, late 2025; they change).
 PROVIDER_LIMITS = (
-    ("OpenAI tier 5, gpt-4o-mini", 30_000 / 60),
-    ("OpenAI tier 5, gpt-4o", 10_000 / 60),
-    ("Gemini API tier 3, 2.5 Flash", 10_000 / 60),
+    ("OpenAI tier 5, mini models (30,000 RPM)", 30_000 / 60),
+    ("OpenAI tier 5, flagship models (10,000-15,000 RPM)", 15_000 / 60),
+    ("Gemini API top paid tier (~10,000 RPM)", 10_000 / 60),
 )
 
 
