@@ -94,10 +94,11 @@ RECOVERY_CHECK_S = 0.5
 # Without a deadline a start may be reserved this far ahead (about 24 days: no limit in practice).
 _NO_DEADLINE_MS = 2**31 - 1
 
-# A caller that wakes this much later than its reserved start asks again for a start it can keep
-# (a quarter of the window margin: the rest covers the way to the wire).
-LATE_WAKE_S = WINDOW_MARGIN_MS / 4000.0
-MAX_MOVES = 3  # on a starved machine, the fourth late start goes ahead rather than loop
+# A caller that starts this much later than its reserved start asks again for a start it can keep
+# (the rest of the window margin covers the way to the wire). A move costs the lane the start it
+# gives up (later ones are already reserved), so only lateness that could break a window moves.
+LATE_WAKE_S = (WINDOW_MARGIN_MS - 8) / 1000.0
+MAX_MOVES = 2  # on a starved machine, the third late start goes ahead rather than loop
 
 # "auto" routing steers away from a lane whose store is lost under fail_closed.
 LOST_WAIT_S = 3600.0
@@ -179,6 +180,8 @@ class LaneLimiter:
         # to seed the local fallback so losing the store does not hand out a second budget.
         self._recent: collections.deque[tuple[int, str]] = collections.deque()
         self._wait_at_s, self._wait_s = 0.0, 0.0  # guarded by _lock: last known rate wait
+        # guarded by _lock: per store (id), recent (round trip s, store clock - ours s) samples
+        self._offsets: dict[int, collections.deque[tuple[float, float]]] = {}
         self._closed = threading.Event()
         self._renewer: threading.Thread | None = None  # guarded by _lock
 
@@ -375,15 +378,17 @@ class LaneLimiter:
                 if verdict.taken:
                     if taken is None:
                         taken = (backend, ask)
-                    if wait_s > 0:
-                        stopping.wait(wait_s)
+                    # The reserved start on our clock: sleep until then, not ``wait_s`` from now (the
+                    # answer may have come back slowly).
+                    start_s = self._our_time_s(backend, asked_s, verdict.now_ms) + wait_s
+                    if start_s > self._clock_s():
+                        stopping.wait(start_s - self._clock_s())
                         if stopping.is_set():
                             continue
-                    # The entry's start is at the earliest ``asked_s + wait_s`` on our clock. A caller
-                    # whose answer came back slowly, or that woke late, would start later than its
-                    # entry says, and the provider would count it in a later window than the store
-                    # did: it asks again (a few times at most) for a start it can keep.
-                    if ask.rates and moves < MAX_MOVES and self._clock_s() - (asked_s + wait_s) > LATE_WAKE_S:
+                    # A caller that starts later than its entry says (starved, woke late) would be
+                    # counted by the provider in a later window than the store counted it: it asks
+                    # again (twice at most) for a start it can keep.
+                    if ask.rates and moves < MAX_MOVES and self._clock_s() - start_s > LATE_WAKE_S:
                         moves += 1
                         continue
                     result, taken = taken, None
@@ -401,6 +406,21 @@ class LaneLimiter:
         finally:
             if taken is not None:  # leaving with an error: give back what was taken
                 self._give_back(*taken)
+
+    def _our_time_s(self, backend: Backend, asked_s: float, store_ms: int) -> float:
+        """The store's "now" of an answer to a call made at ``asked_s``, on our clock.
+
+        The store decided between ``asked_s`` and now: a fast round trip pins its clock to ours
+        within half of it, a slow one (a connection opened, a starved thread) says little, so the
+        fastest of the recent ones is used. The result is pushed late by that half, so a start
+        is never taken early.
+        """
+        received_s = self._clock_s()
+        with self._lock:
+            samples = self._offsets.setdefault(id(backend), collections.deque(maxlen=32))
+            samples.append((received_s - asked_s, store_ms / 1000.0 - (asked_s + received_s) / 2))
+            rtt_s, offset_s = min(samples)
+        return store_ms / 1000.0 - offset_s + rtt_s / 2
 
     def _give_back(self, backend: Backend, ask: Ask) -> None:
         """Return what ``ask`` took (a shutdown or deadline ended the wait for its reserved start)."""

@@ -234,11 +234,13 @@ class Verdict:
         wait_ms: when taken, how far ahead the reserved start is (0 = now); when not, how long
             until asking again may succeed.
         blocked_by: "" when taken, else the first limit that refused: "slot", "tokens" or "rate".
+        now_ms: the store's clock when it decided (the reserved start is ``now_ms + wait_ms``).
     """
 
     taken: bool
     wait_ms: int
     blocked_by: str = ""
+    now_ms: int = 0
 
 
 def admit_decide(ask: Ask, now_ms: int, *, slot_taken: bool, slots_held: int, tpm_buckets: Mapping[int, int],
@@ -254,15 +256,15 @@ def admit_decide(ask: Ask, now_ms: int, *, slot_taken: bool, slots_held: int, tp
         nth_newest: see ``rate_wait_ms``.
     """
     if ask.cap is not None and not slot_taken and slots_held >= ask.cap:
-        return Verdict(False, SLOT_POLL_MS, "slot")
+        return Verdict(False, SLOT_POLL_MS, "slot", now_ms)
     if ask.tpm_limit is not None:
         tpm_wait = tpm_decide(tpm_buckets, now_ms, ask.tokens, ask.tpm_limit)
         if tpm_wait:
-            return Verdict(False, tpm_wait, "tokens")
+            return Verdict(False, tpm_wait, "tokens", now_ms)
     wait_ms = rate_wait_ms(now_ms, ask.rates, nth_newest) if ask.rates else 0
     if wait_ms > ask.max_wait_ms:
-        return Verdict(False, wait_ms, "rate")
-    return Verdict(True, wait_ms)
+        return Verdict(False, wait_ms, "rate", now_ms)
+    return Verdict(True, wait_ms, "", now_ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,7 +375,7 @@ class MemoryBackend:
         with self._lock:
             if self._sealed:
                 # Being handed to the shared store: ask again shortly, by then on the shared store.
-                return Verdict(False, SLOT_POLL_MS, "rejoin")
+                return Verdict(False, SLOT_POLL_MS, "rejoin", self._now_ms())
             now = self._now_ms()
             if ask.rates:
                 self._remove(ask.member)

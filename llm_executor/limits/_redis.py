@@ -89,7 +89,7 @@ end
 
 # KEYS: rate, tpm, slots. ARGV: now, member, max_wait_ms, tokens, tpm_limit|'', holder, cap|'',
 # ttl_ms, bucket_ms, window_buckets, slot_poll_ms, n_rates, (limit, interval_ms) x n_rates.
-# -> {taken 0|1, wait_ms, blocked_by}. Mirrors _backend.admit_decide and what MemoryBackend.admit takes.
+# -> {taken 0|1, wait_ms, blocked_by, now}. Mirrors _backend.admit_decide and what MemoryBackend.admit takes.
 ADMIT = _CLOCK + _TPM_LIVE + """
 local cap, tpm_limit, tokens = ARGV[7], ARGV[5], tonumber(ARGV[4])
 local ttl, bucket_ms, window = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
@@ -97,7 +97,7 @@ if cap ~= '' then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
   local held = redis.call('ZSCORE', KEYS[3], ARGV[6])
   if not held and redis.call('ZCARD', KEYS[3]) >= tonumber(cap) then
-    return {0, tonumber(ARGV[11]), 'slot'}
+    return {0, tonumber(ARGV[11]), 'slot', now}
   end
 end
 if tpm_limit ~= '' then
@@ -112,7 +112,7 @@ if tpm_limit ~= '' then
         break
       end
     end
-    return {0, wait, 'tokens'}
+    return {0, wait, 'tokens', now}
   end
 end
 local n = tonumber(ARGV[12])
@@ -131,7 +131,7 @@ if n > 0 then
     end
   end
   if start - now > tonumber(ARGV[3]) then
-    return {0, start - now, 'rate'}
+    return {0, start - now, 'rate', now}
   end
 end
 if cap ~= '' then
@@ -146,7 +146,7 @@ if n > 0 then
   redis.call('ZADD', KEYS[1], start, ARGV[2])
   extend(KEYS[1], (start - now) + longest + 1000)
 end
-return {1, start - now, ''}
+return {1, start - now, '', now}
 """
 
 # KEYS: rate, tpm, slots. ARGV: now, ttl_ms, bucket_ms, window_buckets, longest_interval_ms,
@@ -342,9 +342,9 @@ class RedisBackend:
                            SLOT_POLL_MS, len(ask.rates)]
         for rate in ask.rates:
             args += [rate.limit, rate.interval_ms]
-        taken, wait_ms, blocked_by = self._call(lambda: self._admit(keys=self._keys, args=args))
+        taken, wait_ms, blocked_by, now_ms = self._call(lambda: self._admit(keys=self._keys, args=args))
         return Verdict(bool(taken), int(wait_ms),
-                       blocked_by.decode() if isinstance(blocked_by, bytes) else str(blocked_by))
+                       blocked_by.decode() if isinstance(blocked_by, bytes) else str(blocked_by), int(now_ms))
 
     def cancel(self, member: str) -> None:
         self._call(lambda: self._client.zrem(self._keys[0], member))

@@ -205,8 +205,9 @@ class RedisClusterNodes:
 
     def master_of(self, key: str) -> RedisServer:
         """The node that serves ``key``'s slot now."""
-        slot = int(self.cli_call(self.nodes[0].port, "cluster", "keyslot", key).strip())
-        for line in self.cli_call(self.nodes[0].port, "cluster", "nodes").splitlines():
+        alive = next(n for n in self.nodes if n.proc is not None and n.proc.poll() is None)
+        slot = int(self.cli_call(alive.port, "cluster", "keyslot", key).strip())
+        for line in self.cli_call(alive.port, "cluster", "nodes").splitlines():
             fields = line.split()
             if "master" not in fields[2] or "fail" in fields[2]:
                 continue
