@@ -38,6 +38,7 @@ import hashlib
 import itertools
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -69,6 +70,7 @@ from ._backend import (
 __all__ = [
     "DEFAULT_LEASE_TTL_S",
     "RECOVERY_CHECK_S",
+    "SLOT_POLL_MAX_S",
     "WINDOW_MARGIN_MS",
     "Admission",
     "LaneLimiter",
@@ -99,6 +101,9 @@ _NO_DEADLINE_MS = 2**31 - 1
 # gives up (later ones are already reserved), so only lateness that could break a window moves.
 LATE_WAKE_S = (WINDOW_MARGIN_MS - 8) / 1000.0
 MAX_MOVES = 2  # on a starved machine, the third late start goes ahead rather than loop
+
+# A caller refused a global slot looks again after SLOT_POLL_MS, doubling up to this.
+SLOT_POLL_MAX_S = 0.25
 
 # "auto" routing steers away from a lane whose store is lost under fail_closed.
 LOST_WAIT_S = 3600.0
@@ -356,7 +361,7 @@ class LaneLimiter:
         Returns the store and the ask that took the slot, tokens and entry.
         """
         taken: tuple[Backend, Ask] | None = None
-        moves = 0
+        moves = refused = 0
         try:
             while True:
                 if stopping.is_set():
@@ -401,7 +406,12 @@ class LaneLimiter:
                     raise DeadlineExceededError(
                         f"request deadline passes before {self.name}'s token budget is free (next in "
                         f"{wait_s:.3f}s)", provider=self.name)
-                # Another process's release cannot wake us: look again shortly (or at the deadline).
+                if verdict.blocked_by == "slot":
+                    # Another process's release cannot wake us: look again, backing off (with
+                    # jitter) while the cap stays full. With N callers polling, a freed slot is
+                    # still found within about interval / N; the store sees far fewer calls.
+                    refused += 1
+                    wait_s = min(SLOT_POLL_MAX_S, wait_s * 2 ** min(refused - 1, 8)) * random.uniform(0.5, 1.0)
                 stopping.wait(wait_s if remaining_s is None else max(0.001, min(wait_s, remaining_s)))
         finally:
             if taken is not None:  # leaving with an error: give back what was taken
