@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
+from urllib.parse import parse_qsl
 
 from .errors import ConfigError, ConfigWarning
 
@@ -218,7 +219,8 @@ class ExecutorConfig:
         queue_size: requests accepted but not yet started, per provider lane; 0 = unbounded.
         backpressure: "fail_fast" (QueueFullError at once) or "block" (submit waits for a slot).
         block_timeout: seconds a blocked submit waits before QueueFullError; None = forever.
-        rate_backend: "memory", "sqlite:///path" or "redis://host:port/db".
+        rate_backend: "memory", "sqlite:///path", "redis://host:port/db" (``rediss://`` for TLS with
+            ``?ssl_ca_certs=/path/ca.pem``) or "redis+cluster://host:port[,host:port]" (Redis Cluster).
         namespace: prefix of shared-backend keys.
         fallbacks: ordered providers to fall back to after retryable failures.
         priority_aging_s: a request waiting this long counts as one priority step higher.
@@ -253,7 +255,7 @@ class ExecutorConfig:
         _check(self.block_timeout is None or (_is_num(self.block_timeout) and self.block_timeout >= 0),
                "block_timeout", "a number of seconds >= 0 or None", self.block_timeout)
         _check(isinstance(self.rate_backend, str) and _valid_backend(self.rate_backend), "rate_backend",
-               "'memory', 'sqlite:///path' or 'redis://host:port/db'", mask_url(str(self.rate_backend)))
+               _BACKENDS_EXPECTED, mask_url(str(self.rate_backend)))
         _check(isinstance(self.namespace, str) and bool(re.match(r"^[A-Za-z0-9_.:-]{1,64}$", self.namespace)),
                "namespace", "1-64 characters of letters, digits, '_', '.', ':' or '-'", self.namespace)
         _check(isinstance(self.fallbacks, tuple) and all(isinstance(n, str) for n in self.fallbacks),
@@ -353,8 +355,20 @@ def api_key_from_env(name: str, environ: Mapping[str, str] | None = None) -> str
     return None
 
 
+# Query options a Redis backend URL may carry (TLS files and socket timeouts; limits/_redis.py reads them).
+REDIS_URL_OPTIONS = frozenset({"ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname",
+                                "socket_timeout", "socket_connect_timeout"})
+_BACKENDS_EXPECTED = ("'memory', 'sqlite:///path', 'redis://host:port/db' (rediss:// for TLS, "
+                      "?ssl_ca_certs=/path/ca.pem) or 'redis+cluster://host:port[,host:port]' (rediss+cluster://)")
+
+
 def _valid_backend(url: str) -> bool:
-    return url == "memory" or url.startswith(("sqlite:///", "redis://", "rediss://", "unix://"))
+    if url == "memory" or url.startswith("sqlite:///"):
+        return True
+    if not url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")):
+        return False
+    query = url.split("?", 1)[1] if "?" in url else ""
+    return {k for k, _ in parse_qsl(query, keep_blank_values=True)} <= REDIS_URL_OPTIONS
 
 
 def mask_url(url: str) -> str:
@@ -619,8 +633,7 @@ class _EnvReader:
         backend = self._raw("LLM_EXECUTOR_RATE_BACKEND")
         if backend is not None:
             if not _valid_backend(backend):
-                raise self._fail("LLM_EXECUTOR_RATE_BACKEND", mask_url(backend),
-                                 "'memory', 'sqlite:///path' or 'redis://host:port/db'")
+                raise self._fail("LLM_EXECUTOR_RATE_BACKEND", mask_url(backend), _BACKENDS_EXPECTED)
             kw["rate_backend"] = backend
         namespace = self._raw("LLM_EXECUTOR_NAMESPACE")
         if namespace is not None:

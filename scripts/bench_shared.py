@@ -41,9 +41,8 @@ def _cleanup(url: str, namespace: str) -> None:
         import redis
 
         client = redis.Redis.from_url(url)
-        keys = list(client.scan_iter(match=f"{namespace}:*"))
-        if keys:
-            client.delete(*keys)
+        for key in client.scan_iter(match="{" + namespace + ":*"):  # lane keys: {namespace:provider}:...
+            client.delete(key)
 
 
 def acquire_cost_us(url: str, n: int) -> float:

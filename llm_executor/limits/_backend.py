@@ -1,47 +1,60 @@
-"""The storage seam of the limits package, the TPM window arithmetic, and the memory backend.
+"""The storage seam of the limits package, the limit arithmetic, and the memory backend.
 
-A ``Backend`` answers five questions for one lane, each without blocking: take a request token,
-reserve or adjust tokens of the TPM budget, take or release an in-flight slot. Every method that
-would have to wait returns the seconds to wait instead; ``LaneLimiter`` does the waiting, so all
-waits are interruptible and deadline-bounded in one place. A backend whose store is unreachable
-raises ``BackendLostError`` (and nothing else from its driver); ``LaneLimiter`` applies the
-configured failure policy.
-Imports: ``config``, pyrate-limiter.
+A ``Backend`` answers one question per start, without blocking: may this request start, and
+when? ``Backend.admit(ask)`` takes, all or nothing, a global in-flight slot, a reservation of
+the TPM budget and a rate entry, and says how long to wait; it never sleeps. ``LaneLimiter``
+does the waiting, so all waits are interruptible and deadline-bounded in one place. A backend
+whose store is unreachable raises ``BackendLostError`` (and nothing else from its driver);
+``LaneLimiter`` applies the configured failure policy.
+
+The arithmetic lives here as pure functions of the store's contents and the store's clock:
+``rate_wait_ms`` (a sliding-window log), ``tpm_decide``/``tpm_refund_plan`` (1 s token
+buckets) and ``admit_decide`` (the order of the three checks). The memory and SQLite backends
+call them; the Redis backend mirrors them line for line in Lua, and one property suite runs
+the same operations over every backend (tests/limits/test_properties.py).
+
+Limits travel with each call (``Ask.rates``, ``Ask.tpm_limit``, ``Ask.cap``), never with the
+store, so a lane's QPS/RPM can change at run time without rebuilding its backend.
+Imports: ``config``.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Protocol
-
-# pyrate-limiter is imported where a rate is built: it pulls in asyncio and multiprocessing,
-# half of ``import llm_executor``'s time, and a lane without QPS/RPM never needs it.
-if TYPE_CHECKING:
-    from pyrate_limiter import AbstractBucket, Rate
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 from ..config import ProviderConfig
 
 __all__ = [
-    "SLOT_POLL_S",
+    "SLOT_POLL_MS",
     "TPM_BUCKET_MS",
     "TPM_WINDOW_BUCKETS",
     "WINDOW_MARGIN_MS",
+    "Admitted",
+    "Ask",
     "Backend",
     "BackendLostError",
     "MemoryBackend",
-    "RequestGate",
+    "Rate",
+    "Verdict",
+    "admit_decide",
     "build_rates",
+    "rate_horizon_ms",
+    "rate_wait_ms",
     "tpm_decide",
     "tpm_refund_plan",
 ]
 
-# The bucket stamps a token when it is taken; the request reaches the provider a little later.
-# Widening each window by this margin keeps "max starts in any 1 s window" at or below the
-# limit as seen by the provider, at a cost of 2% of throughput. 20 ms covers a request that
-# opens a new connection (loopback); TLS to a remote provider can take longer on a cold start.
+# The store stamps a start when it is admitted; the request reaches the provider a little later
+# (thread wake-up, connection). Widening each window by this margin keeps "max starts in any 1 s
+# window" at or below the limit as seen by the provider, at a cost of 2% of throughput. 20 ms
+# covers a request that opens a new connection (loopback); TLS to a remote provider can take
+# longer on a cold start.
 WINDOW_MARGIN_MS = 20
 
 # TPM is a counter per 1 s bucket. A bucket counts while it is within the last 61 buckets, so a
@@ -51,19 +64,24 @@ TPM_WINDOW_BUCKETS = 61
 
 # A slot freed by another process cannot wake our waiters (that would need pub/sub); waiters
 # look again this often. It bounds the extra latency of a contended global cap.
-SLOT_POLL_S = 0.02
-
-# Expired request entries are deleted this often (pyrate's Leaker, without its thread).
-LEAK_EVERY_MS = 10_000
-
-
-class BackendLostError(Exception):
-    """The shared store did not answer (connection refused, timeout, I/O error)."""
-
+SLOT_POLL_MS = 20
 
 # The pacing rate runs this much faster than QPS: the 1 s window stays the hard limit, and
 # a timer that wakes a little late on each paced token costs no throughput.
 _PACE_HEADROOM = 1.1
+
+
+class BackendLostError(Exception):
+    """The shared store did not answer (connection refused, timeout, I/O error, lock held too long)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """At most ``limit`` starts in any window of ``interval_ms`` (a start counts while it is
+    within ``interval_ms`` of now, both ends included, as pyrate-limiter counts)."""
+
+    limit: int
+    interval_ms: int
 
 
 def _qps_rates(qps: int, margin_ms: int, burst: int | None = None) -> list[Rate]:
@@ -76,8 +94,6 @@ def _qps_rates(qps: int, margin_ms: int, burst: int | None = None) -> list[Rate]
     stay small, and the window, not the pace, sets the throughput (a pace of exactly QPS would
     lose the timer's lateness on every token: 0.965 of QPS measured at QPS 20).
     """
-    from pyrate_limiter import Rate
-
     window = Rate(qps, 1000 + margin_ms)
     k = max(1, qps // 20) if burst is None else min(qps, burst)
     if k >= qps:
@@ -86,12 +102,8 @@ def _qps_rates(qps: int, margin_ms: int, burst: int | None = None) -> list[Rate]
     return [pace, window]
 
 
-def build_rates(cfg: ProviderConfig, margin_ms: int = WINDOW_MARGIN_MS) -> list[Rate]:
-    """The pyrate-limiter rates for ``cfg``'s QPS and RPM (empty when neither is set)."""
-    if cfg.qps is None and cfg.rpm is None:
-        return []
-    from pyrate_limiter import Rate
-
+def build_rates(cfg: ProviderConfig, margin_ms: int = WINDOW_MARGIN_MS) -> tuple[Rate, ...]:
+    """The rates for ``cfg``'s QPS and RPM, shortest window first (empty when neither is set)."""
     rates: list[Rate] = []
     if cfg.qps is not None:
         if cfg.qps >= 1:
@@ -100,13 +112,44 @@ def build_rates(cfg: ProviderConfig, margin_ms: int = WINDOW_MARGIN_MS) -> list[
             rates.append(Rate(1, math.ceil(1000 / cfg.qps) + margin_ms))
     if cfg.rpm is not None:
         rpm = Rate(cfg.rpm, 60_000 + margin_ms)
-        # pyrate-limiter accepts only rate lists whose limits grow and whose density falls
-        # (issue #239 there): a shorter rate allowing as many requests as the RPM is implied by
-        # it and dropped; an RPM looser than the QPS in the long run is implied and skipped.
+        # A shorter rate allowing as many requests as the RPM is implied by it and dropped; an
+        # RPM looser than the QPS in the long run is implied and skipped.
         rates = [r for r in rates if r.limit < cfg.rpm]
-        if not rates or cfg.rpm / rpm.interval < rates[-1].limit / rates[-1].interval:
+        if not rates or cfg.rpm / rpm.interval_ms < rates[-1].limit / rates[-1].interval_ms:
             rates.append(rpm)
-    return sorted(rates, key=lambda r: r.interval)
+    return tuple(sorted(rates, key=lambda r: r.interval_ms))
+
+
+# -- the arithmetic (mirrored in _redis.py's Lua) ---------------------------------------------------
+
+
+def rate_wait_ms(now_ms: int, rates: Sequence[Rate], nth_newest: Callable[[int], int | None]) -> int:
+    """Milliseconds from ``now_ms`` to the earliest start one more request may have.
+
+    The log holds one start time per admitted request, some possibly ahead of now (reserved by
+    callers sleeping until their turn). A new start goes at or after the newest one (first come,
+    first served across processes), and for each rate after the ``limit``-th newest start has
+    left its window, so every window ending at the new start holds at most ``limit`` starts.
+
+    Args:
+        now_ms: the store's clock.
+        rates: the limits of this call.
+        nth_newest: the start time of the n-th newest entry (0 = newest), None past the oldest.
+    """
+    start = now_ms
+    newest = nth_newest(0)
+    if newest is not None and newest > start:
+        start = newest
+    for rate in rates:
+        blocking = nth_newest(rate.limit - 1)
+        if blocking is not None and blocking + rate.interval_ms + 1 > start:
+            start = blocking + rate.interval_ms + 1
+    return start - now_ms
+
+
+def rate_horizon_ms(now_ms: int, rates: Sequence[Rate]) -> int:
+    """Entries older than this cannot limit a start at or after ``now_ms``: they may be deleted."""
+    return now_ms - max((r.interval_ms for r in rates), default=0)
 
 
 def tpm_decide(buckets: Mapping[int, int], now_ms: int, estimate: int, limit: int) -> int:
@@ -155,19 +198,106 @@ def tpm_live_since(now_ms: int) -> int:
     return now_ms // TPM_BUCKET_MS - (TPM_WINDOW_BUCKETS - 1)
 
 
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """What one start asks of the store, all or nothing; the limits come with the ask.
+
+    Attributes:
+        rates: QPS/RPM limits; empty = no rate entry.
+        member: unique name of the rate entry (``cancel`` removes it). An entry of the same
+            member already in the log is replaced: asking again moves a reserved start.
+        max_wait_ms: a start up to this far ahead is reserved and the caller sleeps until it;
+            further ahead, nothing is taken (0 = now or never, as ``try_acquire``).
+        tokens: TPM tokens to reserve when ``tpm_limit`` is set.
+        tpm_limit: the TPM budget; None = no reservation.
+        holder: name of the in-flight slot lease when ``cap`` is set.
+        cap: the global in-flight cap; None = no slot.
+        ttl_ms: the slot lease's lifetime (renewed by the holder while its call runs).
+    """
+
+    rates: tuple[Rate, ...] = ()
+    member: str = ""
+    max_wait_ms: int = 0
+    tokens: int = 0
+    tpm_limit: int | None = None
+    holder: str = ""
+    cap: int | None = None
+    ttl_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The store's answer to an ``Ask``.
+
+    Attributes:
+        taken: everything asked for was taken (the start is at ``wait_ms`` from now).
+        wait_ms: when taken, how far ahead the reserved start is (0 = now); when not, how long
+            until asking again may succeed.
+        blocked_by: "" when taken, else the first limit that refused: "slot", "tokens" or "rate".
+        now_ms: the store's clock when it decided (the reserved start is ``now_ms + wait_ms``).
+    """
+
+    taken: bool
+    wait_ms: int
+    blocked_by: str = ""
+    now_ms: int = 0
+
+
+def admit_decide(ask: Ask, now_ms: int, *, slot_taken: bool, slots_held: int, tpm_buckets: Mapping[int, int],
+                 nth_newest: Callable[[int], int | None]) -> Verdict:
+    """The verdict on ``ask`` given the store's state (expired leases and dead buckets removed).
+
+    Checks run slot, tokens, rate; the first that refuses decides and nothing is taken.
+
+    Args:
+        slot_taken: ``ask.holder`` already holds a live lease (taking it again is a renewal).
+        slots_held: live leases of every holder.
+        tpm_buckets: live TPM buckets.
+        nth_newest: see ``rate_wait_ms``.
+    """
+    if ask.cap is not None and not slot_taken and slots_held >= ask.cap:
+        return Verdict(False, SLOT_POLL_MS, "slot", now_ms)
+    if ask.tpm_limit is not None:
+        tpm_wait = tpm_decide(tpm_buckets, now_ms, ask.tokens, ask.tpm_limit)
+        if tpm_wait:
+            return Verdict(False, tpm_wait, "tokens", now_ms)
+    wait_ms = rate_wait_ms(now_ms, ask.rates, nth_newest) if ask.rates else 0
+    if wait_ms > ask.max_wait_ms:
+        return Verdict(False, wait_ms, "rate", now_ms)
+    return Verdict(True, wait_ms, "", now_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """What a local backend took while the shared store was lost, for recording into it later.
+
+    Attributes:
+        rate_entries: (member, age in ms) per rate entry: its start relative to now (positive =
+            in the past; negative = reserved ahead), so the store can place it on its own clock.
+            Recording an entry the store already has (same member) moves it, never adds it.
+        tpm_ages_ms: per TPM bucket, (age of the bucket's start in ms, tokens).
+        holders: in-flight slot holders still held.
+    """
+
+    rate_entries: tuple[tuple[str, int], ...] = ()
+    tpm_ages_ms: tuple[tuple[int, int], ...] = ()
+    holders: tuple[str, ...] = ()
+
+
 class Backend(Protocol):
     """Non-blocking limit operations of one lane; waits are returned, never slept."""
 
     url: str
+    """The store's URL with any password masked (never the password)."""
 
-    def try_acquire_request(self) -> float:
-        """Take a QPS/RPM token: 0.0 when taken, else seconds until one may be free."""
+    def admit(self, ask: Ask) -> Verdict:
+        """Take what ``ask`` asks for, all or nothing (see ``admit_decide``)."""
 
-    def request_wait_s(self) -> float:
-        """Seconds until a request token would be free; takes none."""
+    def cancel(self, member: str) -> None:
+        """Remove a rate entry (a reserved start its caller will not use)."""
 
-    def try_reserve_tokens(self, estimate: int, limit: int) -> float:
-        """Reserve ``estimate`` TPM tokens: 0.0 when reserved, else seconds to wait."""
+    def rate_wait_s(self, rates: Sequence[Rate]) -> float:
+        """Seconds until a start under ``rates`` would be free; takes none."""
 
     def adjust_tokens(self, delta: int) -> None:
         """Debit (``delta`` > 0) or refund (< 0) the TPM window."""
@@ -178,75 +308,20 @@ class Backend(Protocol):
     def slots_held(self) -> int:
         """Unexpired in-flight slots held now, by every process."""
 
-    def try_acquire_slot(self, holder: str, cap: int, ttl_ms: int) -> bool:
-        """Take an in-flight slot leased to ``holder`` for ``ttl_ms``; False when all are held."""
-
     def renew_slots(self, holders: Iterable[str], ttl_ms: int) -> set[str]:
         """Extend the leases of ``holders``; returns those that were lost (expired and reclaimed)."""
 
     def release_slot(self, holder: str) -> None:
         """Give a slot back (no-op when it is not held)."""
 
+    def record(self, usage: Admitted, rates: Sequence[Rate], ttl_ms: int) -> None:
+        """Add what a local fallback took (rate entries, TPM tokens, slot leases) to the store."""
+
     def ping(self) -> None:
-        """Raise BackendLostError unless the store answers."""
+        """Raise BackendLostError unless the store answers (and would accept a write)."""
 
     def close(self) -> None:
-        """Close connections."""
-
-
-class RequestGate:
-    """QPS/RPM over one pyrate-limiter bucket, driven without pyrate's Limiter.
-
-    Limiter's non-blocking acquire fails at once when another process holds the SQLite file
-    lock, and it stamps the item before taking that lock, so a token could carry a time older
-    than its real start. Here the caller holds the store's lock (``critical``) while it reads
-    the clock and puts the item. Leaking runs inline every ``LEAK_EVERY_MS``, so no Leaker
-    thread is left behind.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        bucket: AbstractBucket,
-        now_ms: Callable[[], int],
-        on_leak: Callable[[int], None] | None = None,
-    ) -> None:
-        from pyrate_limiter import RateItem
-
-        self._item_cls = RateItem
-        self.name = name
-        self.bucket = bucket
-        self.rates: list[Rate] = list(bucket.rates)
-        self._now_ms = now_ms
-        self._on_leak = on_leak
-        self._next_leak_ms = 0
-
-    def try_acquire(self) -> float:
-        """Take a token (caller holds the store's lock): 0.0, or the seconds to wait."""
-        now = self._now_ms()
-        self._maybe_leak(now)
-        item = self._item_cls(self.name, now, weight=1)
-        if self.bucket.put(item):
-            return 0.0
-        wait_ms = self.bucket.waiting(item)
-        return wait_ms / 1000.0 if isinstance(wait_ms, int) and wait_ms > 0 else 0.001
-
-    def wait_s(self) -> float:
-        """Seconds until a token would be free, from the newest entries; takes none."""
-        now = self._now_ms()
-        wait_ms = 0
-        for rate in self.rates:
-            blocking = self.bucket.peek(rate.limit - 1)
-            if isinstance(blocking, self._item_cls) and blocking.timestamp >= now - rate.interval:
-                wait_ms = max(wait_ms, blocking.timestamp + rate.interval + 1 - now)
-        return wait_ms / 1000.0
-
-    def _maybe_leak(self, now: int) -> None:
-        if now >= self._next_leak_ms:
-            self._next_leak_ms = now + LEAK_EVERY_MS
-            self.bucket.leak(now)
-            if self._on_leak is not None:
-                self._on_leak(now)
+        """Close connections; never blocks longer than the store's timeouts."""
 
 
 def _monotonic_ms() -> int:
@@ -254,36 +329,41 @@ def _monotonic_ms() -> int:
 
 
 class MemoryBackend:
-    """Limits of one process: pyrate's InMemoryBucket, a TPM counter and a slot count.
+    """Limits of one process: a sorted log of starts, TPM buckets and a set of slot holders.
 
-    Also the local fallback of a shared backend (``LLM_EXECUTOR_BACKEND_FAILURE=local``).
+    Also the local fallback of a shared backend (``LLM_EXECUTOR_BACKEND_FAILURE=local``), which
+    is why it can say what it took (``usage``), take in what was taken elsewhere (``record``),
+    and be sealed while what it took is handed back to the shared store.
     """
 
     url = "memory"
 
-    def __init__(self, name: str, rates: list[Rate], now_ms: Callable[[], int] = _monotonic_ms) -> None:
+    def __init__(self, now_ms: Callable[[], int] = _monotonic_ms) -> None:
         self._lock = threading.Lock()
         self._now_ms = now_ms
-        if rates:
-            from pyrate_limiter import InMemoryBucket
-
-            self._gate: RequestGate | None = RequestGate(name, InMemoryBucket(rates), now_ms)
-        else:
-            self._gate = None
+        self._log: list[tuple[int, str]] = []  # guarded by _lock: (start, member), ascending
+        self._members: dict[str, int] = {}  # guarded by _lock: member -> start
         self._tpm: dict[int, int] = {}  # guarded by _lock
         self._slots: set[str] = set()  # guarded by _lock
+        self._sealed = False  # guarded by _lock
+        self.round_trips = 0
 
-    def try_acquire_request(self) -> float:
-        if self._gate is None:
-            return 0.0
-        with self._lock:
-            return self._gate.try_acquire()
+    def _nth_newest(self, n: int) -> int | None:
+        return self._log[-1 - n][0] if 0 <= n < len(self._log) else None
 
-    def request_wait_s(self) -> float:
-        if self._gate is None:
-            return 0.0
-        with self._lock:
-            return self._gate.wait_s()
+    def _add_entry(self, start: int, member: str) -> None:
+        old = self._members.pop(member, None)
+        if old is not None:
+            self._log.remove((old, member))
+        bisect.insort(self._log, (start, member))
+        self._members[member] = start
+
+    def _trim(self, now: int, rates: Sequence[Rate]) -> None:
+        cut = bisect.bisect_left(self._log, (rate_horizon_ms(now, rates),))
+        if cut:
+            for _, member in self._log[:cut]:
+                self._members.pop(member, None)
+            del self._log[:cut]
 
     def _live_tpm(self, now: int) -> dict[int, int]:
         since = tpm_live_since(now)
@@ -291,15 +371,41 @@ class MemoryBackend:
             del self._tpm[index]
         return self._tpm
 
-    def try_reserve_tokens(self, estimate: int, limit: int) -> float:
+    def admit(self, ask: Ask) -> Verdict:
         with self._lock:
+            if self._sealed:
+                # Being handed to the shared store: ask again shortly, by then on the shared store.
+                return Verdict(False, SLOT_POLL_MS, "rejoin", self._now_ms())
             now = self._now_ms()
-            live = self._live_tpm(now)
-            wait_ms = tpm_decide(live, now, estimate, limit)
-            if wait_ms == 0:
-                index = now // TPM_BUCKET_MS
-                live[index] = live.get(index, 0) + estimate
-            return wait_ms / 1000.0
+            if ask.rates:
+                self._remove(ask.member)
+                self._trim(now, ask.rates)
+            verdict = admit_decide(ask, now, slot_taken=ask.holder in self._slots, slots_held=len(self._slots),
+                                   tpm_buckets=self._live_tpm(now) if ask.tpm_limit is not None else {},
+                                   nth_newest=self._nth_newest)
+            if verdict.taken:
+                start = now + verdict.wait_ms
+                if ask.cap is not None:
+                    self._slots.add(ask.holder)
+                if ask.tpm_limit is not None and ask.tokens:
+                    index = start // TPM_BUCKET_MS
+                    self._tpm[index] = self._tpm.get(index, 0) + ask.tokens
+                if ask.rates:
+                    self._add_entry(start, ask.member)
+            return verdict
+
+    def _remove(self, member: str) -> None:
+        start = self._members.pop(member, None)
+        if start is not None:
+            self._log.remove((start, member))
+
+    def cancel(self, member: str) -> None:
+        with self._lock:
+            self._remove(member)
+
+    def rate_wait_s(self, rates: Sequence[Rate]) -> float:
+        with self._lock:
+            return rate_wait_ms(self._now_ms(), rates, self._nth_newest) / 1000.0
 
     def adjust_tokens(self, delta: int) -> None:
         with self._lock:
@@ -312,16 +418,8 @@ class MemoryBackend:
                 live.update(tpm_refund_plan(live, -delta))
 
     def tpm_used(self) -> int:
-        """Tokens counted in the window now (for tests and stats)."""
         with self._lock:
             return sum(self._live_tpm(self._now_ms()).values())
-
-    def try_acquire_slot(self, holder: str, cap: int, ttl_ms: int) -> bool:
-        with self._lock:
-            if len(self._slots) >= cap:
-                return False
-            self._slots.add(holder)
-            return True
 
     def slots_held(self) -> int:
         with self._lock:
@@ -333,6 +431,40 @@ class MemoryBackend:
     def release_slot(self, holder: str) -> None:
         with self._lock:
             self._slots.discard(holder)
+
+    def _usage(self) -> Admitted:
+        now = self._now_ms()
+        return Admitted(
+            rate_entries=tuple((member, now - start) for start, member in self._log),
+            tpm_ages_ms=tuple((now - i * TPM_BUCKET_MS, v) for i, v in sorted(self._live_tpm(now).items()) if v),
+            holders=tuple(sorted(self._slots)),
+        )
+
+    def usage(self) -> Admitted:
+        """What this backend holds now, relative to its clock (see ``Admitted``)."""
+        with self._lock:
+            return self._usage()
+
+    def seal(self) -> Admitted:
+        """Refuse every admission from now on ("rejoin": ask again shortly) and say what was taken."""
+        with self._lock:
+            self._sealed = True
+            return self._usage()
+
+    def unseal(self) -> None:
+        """Admit again (handing over to the shared store failed)."""
+        with self._lock:
+            self._sealed = False
+
+    def record(self, usage: Admitted, rates: Sequence[Rate], ttl_ms: int) -> None:
+        with self._lock:
+            now = self._now_ms()
+            for member, age in usage.rate_entries:
+                self._add_entry(now - age, member)
+            for age, tokens in usage.tpm_ages_ms:
+                index = (now - age) // TPM_BUCKET_MS
+                self._tpm[index] = self._tpm.get(index, 0) + tokens
+            self._slots.update(usage.holders)
 
     def ping(self) -> None:
         return None

@@ -1,85 +1,191 @@
-"""Redis backend: limits shared by every process on every host that reaches one Redis.
+"""Redis backend: limits shared by every process on every host that reaches one Redis or one Redis Cluster.
 
-Keys, under ``{namespace}:{provider}[:{key hash}]``:
-  ``:rate``  pyrate-limiter's RedisBucket (sorted set of request stamps) for QPS/RPM;
-  ``:tpm``   a hash of tokens per 1 s bucket, changed only by the Lua scripts below (atomic);
-  ``:slots`` a sorted set of in-flight holders scored by lease expiry (ms, Redis clock).
-TPM and slot scripts read Redis ``TIME``, so hosts with skewed clocks agree. The request bucket
-takes its stamps from the client (pyrate's script has no clock of its own); we stamp with the
-wall clock corrected by the offset to Redis ``TIME``, measured at start and on every leak.
-Imports: ``_backend``, pyrate-limiter, redis-py (the ``redis`` extra).
+Keys of one lane share the hash tag ``{namespace:provider[:key hash]}``, so on a cluster they
+live in one slot and every script below touches one node:
+  ``{…}:rate``  a sorted set of request starts (score: start in ms on the Redis clock);
+  ``{…}:tpm``   a hash of tokens per 1 s bucket;
+  ``{…}:slots`` a sorted set of in-flight holders scored by lease expiry (ms, Redis clock).
+Every script reads Redis ``TIME``: windows are computed on the store's clock, so hosts whose
+clocks disagree, step or slew still count one window. The arithmetic is ``_backend.py``'s,
+ported line for line (``admit_decide``, ``rate_wait_ms``, ``tpm_decide``, ``tpm_refund_plan``).
+
+No lock is held across a call: a frozen Redis holds only the threads that are talking to it, each
+for at most its socket timeout (redis-py's connection pool hands every thread its own connection).
+Imports: ``_backend``, ``errors``, redis-py (the ``redis`` extra).
 """
 
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlsplit
 
-from pyrate_limiter import Rate, RedisBucket
-from pyrate_limiter.buckets.redis_bucket import LuaScript
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from ._backend import TPM_BUCKET_MS, TPM_WINDOW_BUCKETS, BackendLostError, RequestGate
+from ..config import REDIS_URL_OPTIONS, mask_url
+from ..errors import ConfigError
+from ._backend import (
+    SLOT_POLL_MS,
+    TPM_BUCKET_MS,
+    TPM_WINDOW_BUCKETS,
+    Admitted,
+    Ask,
+    BackendLostError,
+    Rate,
+    Verdict,
+)
 
-__all__ = ["RedisBackend"]
+__all__ = ["CLUSTER_SCHEMES", "RedisBackend", "build_client"]
 
 T = TypeVar("T")
 
 # Connect and read timeouts: a lost Redis must fail a request in about a second, not hang it.
+# Every call is bounded by them: redis-py retries a broken connection once on a fresh one (a
+# server that closed an idle connection), never a timeout.
 SOCKET_CONNECT_TIMEOUT_S = 1.0
 SOCKET_TIMEOUT_S = 2.0
 
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+
+# ARGV[1] is the clock: '' reads Redis TIME (always, outside tests); a number replaces it so the
+# property suite can drive every backend through the same instants.
 _CLOCK = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now
+if ARGV[1] ~= '' then
+  now = tonumber(ARGV[1])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+-- Keys expire once nothing in them can count any more; an expiry is only ever pushed later.
+local function extend(key, ms)
+  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+end
 """
 
-# Shared by both TPM scripts: drop dead buckets, return the live ones and their sum.
-_TPM_LIVE = _CLOCK + """
-local bucket_ms = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
-local current = math.floor(now / bucket_ms)
-local since = current - (window - 1)
-local flat = redis.call('HGETALL', KEYS[1])
-local live, order, used = {}, {}, 0
-for i = 1, #flat, 2 do
-  local b, v = tonumber(flat[i]), tonumber(flat[i + 1])
-  if b < since then
-    redis.call('HDEL', KEYS[1], flat[i])
-  else
-    live[b] = v
-    order[#order + 1] = b
-    used = used + v
+# Live TPM buckets of KEYS[2] (dead ones deleted), their sum and ascending order.
+_TPM_LIVE = """
+local function tpm_live(key, now, bucket_ms, window)
+  local since = math.floor(now / bucket_ms) - (window - 1)
+  local flat = redis.call('HGETALL', key)
+  local live, order, used = {}, {}, 0
+  for i = 1, #flat, 2 do
+    local b, v = tonumber(flat[i]), tonumber(flat[i + 1])
+    if b < since then
+      redis.call('HDEL', key, flat[i])
+    else
+      live[b] = v
+      order[#order + 1] = b
+      used = used + v
+    end
+  end
+  table.sort(order)
+  return live, order, used
+end
+"""
+
+# KEYS: rate, tpm, slots. ARGV: now, member, max_wait_ms, tokens, tpm_limit|'', holder, cap|'',
+# ttl_ms, bucket_ms, window_buckets, slot_poll_ms, n_rates, (limit, interval_ms) x n_rates.
+# -> {taken 0|1, wait_ms, blocked_by, now}. Mirrors _backend.admit_decide and what MemoryBackend.admit takes.
+ADMIT = _CLOCK + _TPM_LIVE + """
+local cap, tpm_limit, tokens = ARGV[7], ARGV[5], tonumber(ARGV[4])
+local ttl, bucket_ms, window = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+if cap ~= '' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  local held = redis.call('ZSCORE', KEYS[3], ARGV[6])
+  if not held and redis.call('ZCARD', KEYS[3]) >= tonumber(cap) then
+    return {0, tonumber(ARGV[11]), 'slot', now}
   end
 end
-table.sort(order)
-"""
-
-# ARGV: bucket_ms, window, estimate, limit -> 0 (reserved) or ms to wait (see tpm_decide).
-TPM_RESERVE = _TPM_LIVE + """
-local estimate, limit = tonumber(ARGV[3]), tonumber(ARGV[4])
-if used + estimate <= limit then
-  redis.call('HINCRBY', KEYS[1], current, estimate)
-  redis.call('PEXPIRE', KEYS[1], (window + 1) * bucket_ms)
-  return 0
-end
-local freed = 0
-for _, b in ipairs(order) do
-  freed = freed + live[b]
-  if used - freed + estimate <= limit then
-    return math.max(1, (b + window) * bucket_ms - now)
+if tpm_limit ~= '' then
+  local live, order, used = tpm_live(KEYS[2], now, bucket_ms, window)
+  local limit = tonumber(tpm_limit)
+  if used + tokens > limit then
+    local freed, wait = 0, window * bucket_ms
+    for _, b in ipairs(order) do
+      freed = freed + live[b]
+      if used - freed + tokens <= limit then
+        wait = math.max(1, (b + window) * bucket_ms - now)
+        break
+      end
+    end
+    return {0, wait, 'tokens', now}
   end
 end
-return window * bucket_ms
+local n = tonumber(ARGV[12])
+local start, longest = now, 0
+if n > 0 then
+  for i = 1, n do longest = math.max(longest, tonumber(ARGV[12 + 2 * i])) end
+  redis.call('ZREM', KEYS[1], ARGV[2])
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - longest))
+  local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+  if newest[2] and tonumber(newest[2]) > start then start = tonumber(newest[2]) end
+  for i = 1, n do
+    local limit, interval = tonumber(ARGV[11 + 2 * i]), tonumber(ARGV[12 + 2 * i])
+    local blocking = redis.call('ZRANGE', KEYS[1], -limit, -limit, 'WITHSCORES')
+    if blocking[2] and tonumber(blocking[2]) + interval + 1 > start then
+      start = tonumber(blocking[2]) + interval + 1
+    end
+  end
+  if start - now > tonumber(ARGV[3]) then
+    return {0, start - now, 'rate', now}
+  end
+end
+if cap ~= '' then
+  redis.call('ZADD', KEYS[3], now + ttl, ARGV[6])
+  extend(KEYS[3], 2 * ttl)
+end
+if tpm_limit ~= '' and tokens > 0 then
+  redis.call('HINCRBY', KEYS[2], math.floor(start / bucket_ms), tokens)
+  extend(KEYS[2], (window + 1) * bucket_ms + (start - now))
+end
+if n > 0 then
+  redis.call('ZADD', KEYS[1], start, ARGV[2])
+  extend(KEYS[1], (start - now) + longest + 1000)
+end
+return {1, start - now, '', now}
 """
 
-# ARGV: bucket_ms, window, delta -> tokens in the window after the change (see tpm_refund_plan).
-TPM_ADJUST = _TPM_LIVE + """
-local delta = tonumber(ARGV[3])
+# KEYS: rate, tpm, slots. ARGV: now, ttl_ms, bucket_ms, window_buckets, longest_interval_ms,
+# n_entries, (member, age_ms) x n, n_tpm, (age_ms, tokens) x n_tpm, holder... -> 1.
+# Adds what a local fallback took while Redis was lost, placed on Redis's clock by its age.
+RECORD = _CLOCK + """
+local ttl, bucket_ms, window, longest = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local i = 6
+local n = tonumber(ARGV[i])
+local newest = now
+for k = 1, n do
+  local start = now - tonumber(ARGV[i + 2 * k])
+  redis.call('ZADD', KEYS[1], start, ARGV[i + 2 * k - 1])
+  if start > newest then newest = start end
+end
+if n > 0 then extend(KEYS[1], (newest - now) + longest + 1000) end
+i = i + 2 * n + 1
+local m = tonumber(ARGV[i])
+for k = 1, m do
+  local start = now - tonumber(ARGV[i + 2 * k - 1])
+  redis.call('HINCRBY', KEYS[2], math.floor(start / bucket_ms), tonumber(ARGV[i + 2 * k]))
+end
+if m > 0 then extend(KEYS[2], (window + 1) * bucket_ms) end
+i = i + 2 * m + 1
+for k = i, #ARGV do
+  redis.call('ZADD', KEYS[3], now + ttl, ARGV[k])
+end
+if #ARGV >= i then extend(KEYS[3], 2 * ttl) end
+return 1
+"""
+
+# KEYS: tpm. ARGV: now, bucket_ms, window, delta -> tokens in the window after the change
+# (see tpm_refund_plan).
+TPM_ADJUST = _CLOCK + _TPM_LIVE + """
+local bucket_ms, window, delta = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local live, order, used = tpm_live(KEYS[1], now, bucket_ms, window)
 if delta > 0 then
-  redis.call('HINCRBY', KEYS[1], current, delta)
-  redis.call('PEXPIRE', KEYS[1], (window + 1) * bucket_ms)
+  redis.call('HINCRBY', KEYS[1], math.floor(now / bucket_ms), delta)
+  extend(KEYS[1], (window + 1) * bucket_ms)
   return used + delta
 end
 local refund = -delta
@@ -95,23 +201,11 @@ end
 return used
 """
 
-# ARGV: holder, cap, ttl_ms -> 1 (taken) or 0 (all held). Expired leases are reclaimed first.
-SLOT_ACQUIRE = _CLOCK + """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local ttl = tonumber(ARGV[3])
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
-  if redis.call('PTTL', KEYS[1]) < 2 * ttl then redis.call('PEXPIRE', KEYS[1], 2 * ttl) end
-  return 1
-end
-return 0
-"""
-
-# ARGV: ttl_ms, holder... -> the holders whose lease had expired (lost; another may hold it now).
+# KEYS: slots. ARGV: now, ttl_ms, holder... -> the holders whose lease had expired (lost).
 SLOT_RENEW = _CLOCK + """
-local ttl = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
 local lost = {}
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
   if score and tonumber(score) > now then
     redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[i])
@@ -120,151 +214,191 @@ for i = 2, #ARGV do
     lost[#lost + 1] = ARGV[i]
   end
 end
-if redis.call('PTTL', KEYS[1]) < 2 * ttl then redis.call('PEXPIRE', KEYS[1], 2 * ttl) end
+extend(KEYS[1], 2 * ttl)
 return lost
 """
 
-# pyrate's script counts a window as [now - interval, now], with ``now`` stamped by the client.
-# Stamps of several processes reach Redis out of order (a process is preempted between its
-# stamp and its EVALSHA), so entries stamped a little after ours were not counted and 4
-# processes x 8 threads admitted 23 starts for QPS=20 in a few ms. Counting up to +inf
-# (as pyrate's SQLite query does) counts every entry that is already in.
-_PUT_ITEM_BOUNDED = "redis.call('ZCOUNT', bucket, window_start, now)"
-if _PUT_ITEM_BOUNDED not in LuaScript.PUT_ITEM:  # pragma: no cover - a pyrate-limiter upgrade changed it
-    raise ImportError("pyrate_limiter's RedisBucket script changed; review llm_executor.limits._redis")
-PUT_ITEM = LuaScript.PUT_ITEM.replace(_PUT_ITEM_BOUNDED, "redis.call('ZCOUNT', bucket, window_start, '+inf')")
-
+# KEYS: slots. ARGV: now -> unexpired leases.
 SLOT_COUNT = _CLOCK + """
 return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 """
 
 
+def _split_cluster_url(url: str) -> tuple[str, list[tuple[str, int]]]:
+    """``rediss+cluster://u:p@h1:7000,h2:7001/?q`` -> (``rediss://u:p@h1:7000/?q``, [(h1, 7000), (h2, 7001)])."""
+    scheme, rest = url.split("://", 1)
+    netloc, sep, tail = rest.partition("/")
+    if not sep:
+        netloc, sep, tail = rest.partition("?")
+        tail = "?" + tail if sep else ""
+    else:
+        tail = "/" + tail
+    userinfo, at, hosts = netloc.rpartition("@")
+    nodes: list[tuple[str, int]] = []
+    for part in hosts.split(","):
+        host, colon, port = part.strip().rpartition(":")
+        if not colon:
+            host, port = part.strip(), "6379"
+        nodes.append((host.strip("[]"), int(port)))
+    first = f"{nodes[0][0]}:{nodes[0][1]}"
+    return f"{scheme.replace('+cluster', '')}://{userinfo}{at}{first}{tail}", nodes
+
+
+def build_client(url: str) -> Any:
+    """A redis-py client for ``url``: ``redis.Redis`` or, for ``redis+cluster://``, ``RedisCluster``.
+
+    TLS (``rediss://``, ``rediss+cluster://``) takes its CA from ``?ssl_ca_certs=/path/ca.pem``
+    (and a client certificate from ``ssl_certfile``/``ssl_keyfile``); ACL users and passwords
+    come from the URL's user part. Timeouts default to SOCKET_CONNECT_TIMEOUT_S/SOCKET_TIMEOUT_S.
+
+    Raises:
+        ConfigError: the URL is malformed (the message masks the password).
+    """
+    # A broken connection is retried once on a fresh one; a timeout is not (it would double
+    # the time a frozen Redis holds the caller).
+    retry = Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
+    defaults: dict[str, Any] = {"socket_connect_timeout": SOCKET_CONNECT_TIMEOUT_S,
+                                "socket_timeout": SOCKET_TIMEOUT_S}
+    try:
+        scheme = url.split("://", 1)[0]
+        query_keys = {k for k, _ in parse_qsl(urlsplit(url).query)}
+        if query_keys - REDIS_URL_OPTIONS:
+            raise ValueError(f"unknown option(s) {sorted(query_keys - REDIS_URL_OPTIONS)}; expected some of "
+                             f"{sorted(REDIS_URL_OPTIONS)}")
+        if not scheme.startswith("rediss") and any(k.startswith("ssl_") for k in query_keys):
+            raise ValueError("ssl_* options need a TLS scheme (rediss:// or rediss+cluster://)")
+        if scheme not in CLUSTER_SCHEMES:
+            return redis.Redis.from_url(url, retry=retry, **defaults)
+        from redis import cluster, connection
+
+        node: Any = cluster.ClusterNode  # redis-py leaves these two untyped
+        parse_url: Any = connection.parse_url
+        first, nodes = _split_cluster_url(url)
+        parsed: dict[str, Any] = parse_url(first)
+        if parsed.get("db", 0) != 0:
+            raise ValueError("a cluster has only database 0")
+        # rediss: becomes ssl=True (the nodes' clients pick their connection class from it).
+        options = {k: v for k, v in parsed.items() if k not in ("host", "port", "db", "path", "connection_class")}
+        return cluster.RedisCluster(startup_nodes=[node(h, p) for h, p in nodes], retry=retry,
+                                    ssl=scheme.startswith("rediss"), **{**defaults, **options})
+    except (ValueError, TypeError, redis.exceptions.RedisError) as exc:
+        # redis-py's messages name the option, never the password; ours too. No chaining: the
+        # original exception's arguments may hold the URL.
+        message = str(exc).replace(url, mask_url(url))
+        raise ConfigError(f"LLM_EXECUTOR_RATE_BACKEND={mask_url(url)!r}: {message}") from None
+
+
 class RedisBackend:
-    """Shared limits of one lane in Redis.
+    """Shared limits of one lane in Redis or Redis Cluster.
 
     Args:
-        url: ``redis://[user:password@]host:port/db`` (also ``rediss://``, ``unix://``).
-        lane_key: the namespaced lane key.
-        rates: QPS/RPM rates (may be empty).
-        client: an existing ``redis.Redis`` (tests); None = one from ``url``.
+        url: ``redis://[user:password@]host:port/db``, ``rediss://…?ssl_ca_certs=…``, ``unix://…``,
+            ``redis+cluster://host:port[,host:port…]`` or ``rediss+cluster://…``.
+        lane_key: the namespaced lane key (becomes the hash tag of the lane's keys).
+        client: an existing redis-py client (tests); None = one from ``url``.
+        now_ms: a clock for the scripts (the property suite); None = Redis ``TIME``.
 
     Raises:
         BackendLostError: Redis does not answer.
+        ConfigError: the URL is malformed.
     """
 
-    def __init__(self, url: str, lane_key: str, rates: list[Rate], *, client: Any = None) -> None:
-        import redis
-
-        self.url = url
+    def __init__(self, url: str, lane_key: str, *, client: Any = None,
+                 now_ms: Callable[[], int] | None = None) -> None:
+        self.url = mask_url(url)  # the password lives in the client's connection settings only
         self.lane_key = lane_key
+        self.is_cluster = url.split("://", 1)[0] in CLUSTER_SCHEMES
+        self._now_arg: Callable[[], str] = (lambda: "") if now_ms is None else (lambda: str(now_ms()))
         self._errors: tuple[type[BaseException], ...] = (
-            redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
-        self._no_script = redis.exceptions.NoScriptError
-        self._client = client if client is not None else redis.Redis.from_url(
-            url, socket_connect_timeout=SOCKET_CONNECT_TIMEOUT_S, socket_timeout=SOCKET_TIMEOUT_S)
-        self._lock = threading.Lock()  # guards the bucket's last verdict and the clock offset
-        self._offset_ms = 0
-        self._tpm_key, self._slot_key = lane_key + ":tpm", lane_key + ":slots"
-        self._tpm_reserve = self._client.register_script(TPM_RESERVE)
+            redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ClusterError,
+            redis.exceptions.ResponseError, OSError)
+        self._client = client if client is not None else build_client(url)
+        tag = "{" + lane_key + "}"
+        self._keys = [tag + ":rate", tag + ":tpm", tag + ":slots"]
+        self._admit = self._client.register_script(ADMIT)
+        self._record = self._client.register_script(RECORD)
         self._tpm_adjust = self._client.register_script(TPM_ADJUST)
-        self._slot_acquire = self._client.register_script(SLOT_ACQUIRE)
         self._slot_renew = self._client.register_script(SLOT_RENEW)
         self._slot_count = self._client.register_script(SLOT_COUNT)
-        self._bucket: RedisBucket | None = None
-        self._gate: RequestGate | None = None
-        self._rate_ttl_ms = 2 * max((r.interval for r in rates), default=0) + 10_000
-
-        def connect() -> None:
-            self._client.ping()
-            self._sync_clock()
-            if rates:
-                script_hash = self._client.script_load(PUT_ITEM)
-                self._bucket = RedisBucket(rates, self._client, lane_key + ":rate", script_hash)
-                self._gate = RequestGate(lane_key, self._bucket, self._now_ms, on_leak=self._on_leak)
-
-        self._call(connect)
+        self._calls_lock = threading.Lock()
+        self.round_trips = 0  # guarded by _calls_lock: calls to Redis (a script call is one)
+        self.ping()
 
     def _call(self, fn: Callable[[], T]) -> T:
+        with self._calls_lock:
+            self.round_trips += 1
         try:
             return fn()
         except self._errors as exc:
-            raise BackendLostError(type(exc).__name__) from exc
+            # The driver's message names the host and port, never the password; the chained
+            # exception stays (for debugging) and carries no URL either.
+            raise BackendLostError(f"{type(exc).__name__}: {exc}") from exc
 
-    # -- clock ---------------------------------------------------------------------------------
-    def _sync_clock(self) -> None:
-        """Offset from our wall clock to Redis TIME, from the fastest of three round trips."""
-        best: tuple[float, int] | None = None
-        for _ in range(3):
-            t0 = time.time_ns()
-            seconds, micros = self._client.time()
-            t1 = time.time_ns()
-            offset = (int(seconds) * 1000 + int(micros) // 1000) - (t0 + t1) // 2_000_000
-            if best is None or t1 - t0 < best[0]:
-                best = (t1 - t0, offset)
-        assert best is not None
-        self._offset_ms = best[1]
+    # -- admission ---------------------------------------------------------------------------
+    def admit(self, ask: Ask) -> Verdict:
+        args: list[Any] = [self._now_arg(), ask.member, ask.max_wait_ms, ask.tokens,
+                           "" if ask.tpm_limit is None else ask.tpm_limit, ask.holder,
+                           "" if ask.cap is None else ask.cap, ask.ttl_ms, TPM_BUCKET_MS, TPM_WINDOW_BUCKETS,
+                           SLOT_POLL_MS, len(ask.rates)]
+        for rate in ask.rates:
+            args += [rate.limit, rate.interval_ms]
+        taken, wait_ms, blocked_by, now_ms = self._call(lambda: self._admit(keys=self._keys, args=args))
+        return Verdict(bool(taken), int(wait_ms),
+                       blocked_by.decode() if isinstance(blocked_by, bytes) else str(blocked_by), int(now_ms))
 
-    def _now_ms(self) -> int:
-        return time.time_ns() // 1_000_000 + self._offset_ms
+    def cancel(self, member: str) -> None:
+        self._call(lambda: self._client.zrem(self._keys[0], member))
 
-    def _on_leak(self, now_ms: int) -> None:
-        # Refresh the key's expiry so an abandoned namespace disappears, and the clock offset.
-        self._client.pexpire(self.lane_key + ":rate", self._rate_ttl_ms)
-        self._sync_clock()
+    def rate_wait_s(self, rates: Sequence[Rate]) -> float:
+        return self.admit(Ask(rates=tuple(rates), max_wait_ms=-1)).wait_ms / 1000.0
 
-    # -- QPS / RPM -----------------------------------------------------------------------------
-    def _with_gate(self, fn: Callable[[RequestGate], T]) -> T:
-        assert self._gate is not None and self._bucket is not None
-        with self._lock:
-            try:
-                return self._call(lambda: fn(self._gate))  # type: ignore[arg-type]
-            except self._no_script:
-                # Redis restarted (or SCRIPT FLUSH): load pyrate's script again, once.
-                self._bucket.script_hash = self._call(lambda: self._client.script_load(PUT_ITEM))
-                return self._call(lambda: fn(self._gate))  # type: ignore[arg-type]
-
-    def try_acquire_request(self) -> float:
-        return 0.0 if self._gate is None else self._with_gate(lambda gate: gate.try_acquire())
-
-    def request_wait_s(self) -> float:
-        return 0.0 if self._gate is None else self._with_gate(lambda gate: gate.wait_s())
+    def record(self, usage: Admitted, rates: Sequence[Rate], ttl_ms: int) -> None:
+        longest = max((r.interval_ms for r in rates), default=0)
+        args: list[Any] = [self._now_arg(), ttl_ms, TPM_BUCKET_MS, TPM_WINDOW_BUCKETS, longest,
+                           len(usage.rate_entries)]
+        for member, age in usage.rate_entries:
+            args += [member, age]
+        args.append(len(usage.tpm_ages_ms))
+        for age, tokens in usage.tpm_ages_ms:
+            args += [age, tokens]
+        args += list(usage.holders)
+        self._call(lambda: self._record(keys=self._keys, args=args))
 
     # -- TPM -----------------------------------------------------------------------------------
-    def try_reserve_tokens(self, estimate: int, limit: int) -> float:
-        wait_ms = self._call(lambda: self._tpm_reserve(
-            keys=[self._tpm_key], args=[TPM_BUCKET_MS, TPM_WINDOW_BUCKETS, estimate, limit]))
-        return int(wait_ms) / 1000.0
-
     def adjust_tokens(self, delta: int) -> None:
         if delta:
-            self._call(lambda: self._tpm_adjust(keys=[self._tpm_key],
-                                                args=[TPM_BUCKET_MS, TPM_WINDOW_BUCKETS, delta]))
+            self._call(lambda: self._tpm_adjust(keys=[self._keys[1]],
+                                                args=[self._now_arg(), TPM_BUCKET_MS, TPM_WINDOW_BUCKETS, delta]))
 
     def tpm_used(self) -> int:
         """Tokens counted in the window now."""
-        return int(self._call(lambda: self._tpm_adjust(keys=[self._tpm_key],
-                                                       args=[TPM_BUCKET_MS, TPM_WINDOW_BUCKETS, 0])))
+        return int(self._call(lambda: self._tpm_adjust(
+            keys=[self._keys[1]], args=[self._now_arg(), TPM_BUCKET_MS, TPM_WINDOW_BUCKETS, 0])))
 
     # -- slots ---------------------------------------------------------------------------------
-    def try_acquire_slot(self, holder: str, cap: int, ttl_ms: int) -> bool:
-        return bool(self._call(lambda: self._slot_acquire(keys=[self._slot_key], args=[holder, cap, ttl_ms])))
-
     def renew_slots(self, holders: Iterable[str], ttl_ms: int) -> set[str]:
         wanted = list(holders)
         if not wanted:
             return set()
-        lost = self._call(lambda: self._slot_renew(keys=[self._slot_key], args=[ttl_ms, *wanted]))
+        lost = self._call(lambda: self._slot_renew(keys=[self._keys[2]], args=[self._now_arg(), ttl_ms, *wanted]))
         return {h.decode() if isinstance(h, bytes) else str(h) for h in lost}
 
     def release_slot(self, holder: str) -> None:
-        self._call(lambda: self._client.zrem(self._slot_key, holder))
+        self._call(lambda: self._client.zrem(self._keys[2], holder))
 
     def slots_held(self) -> int:
         """Unexpired leases now (for tests and stats)."""
-        return int(self._call(lambda: self._slot_count(keys=[self._slot_key])))
+        return int(self._call(lambda: self._slot_count(keys=[self._keys[2]], args=[self._now_arg()])))
 
     def ping(self) -> None:
-        self._call(self._client.ping)
+        # A cluster pings every node; what matters is the node that owns the lane's slot, so ask it.
+        if self.is_cluster:
+            self._call(lambda: self._client.exists(self._keys[0]))
+        else:
+            self._call(self._client.ping)
 
     def close(self) -> None:
-        self._client.close()
+        try:
+            self._client.close()
+        except self._errors:
+            pass

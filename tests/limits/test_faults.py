@@ -147,5 +147,9 @@ def test_redis_lost_mid_run_falls_back_to_local_limits_and_recovers(
     assert len(lost) == 1 and lost[0].levelno == logging.WARNING
     assert limiter.is_degraded
     proxy.start()
-    assert limiter.try_acquire() == 0.0  # the shared bucket is fresh for this namespace
+    # Back on the shared store, the starts taken locally were recorded into it first: the
+    # window is still full, for this limiter and for any other process on the store.
+    assert limiter.try_acquire() > 0.5
     assert not limiter.is_degraded
+    other = make_limiter(url, qps=3, burst=3, global_max_parallel=1)
+    assert other.try_acquire() > 0.5
