@@ -161,16 +161,15 @@ def test_rate_tokens_taken_equal_attempts_started() -> None:
     with Executor(ExecutorConfig(providers={"fake": ProviderConfig(qps=4, max_parallel=8)}),
                   {"fake": provider}) as ex:
         limiter = ex._lanes["fake"].limiter
-        real = limiter.try_acquire
+        real = limiter.admit
         taken: list[float] = []
 
-        def counting() -> float:
-            wait_s = real()
-            if wait_s <= 0:
-                taken.append(time.monotonic())
-            return wait_s
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            admission = real(*args, **kwargs)  # returns once the rate token is taken
+            taken.append(time.monotonic())
+            return admission
 
-        limiter.try_acquire = counting  # type: ignore[method-assign]
+        limiter.admit = counting  # type: ignore[method-assign]
         for f in [ex.submit(req(prompt=str(i))) for i in range(10)]:
             f.result(10)
         attempts = ex.stats()["fake"].attempts

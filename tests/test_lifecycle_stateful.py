@@ -146,16 +146,15 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     def _count_tokens(self, name: str) -> None:
         limiter = self.ex._lanes[name].limiter
-        real = limiter.try_acquire
+        real = limiter.admit
 
-        def counting() -> float:
-            wait_s = real()
-            if wait_s <= 0:
-                with self.lock:
-                    self.tokens[name] += 1
-            return wait_s
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            admission = real(*args, **kwargs)  # returns only once the rate token is taken
+            with self.lock:
+                self.tokens[name] += 1
+            return admission
 
-        limiter.try_acquire = counting  # type: ignore[method-assign]
+        limiter.admit = counting  # type: ignore[method-assign]
 
     # -- hooks of the scripted providers ------------------------------------------------------
 

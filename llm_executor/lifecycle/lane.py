@@ -390,4 +390,7 @@ class Lane:
             pending = self.pending
         by_workers = max(0.0, backlog / self.max_parallel * call_s)
         by_rate = (pending / self.pcfg.qps) if self.pcfg.qps else 0.0
-        return max(by_workers, by_rate) + self.pause_remaining_s() + self.token_wait_s
+        # The store's last answer (no I/O): an hour while a fail_closed store is lost, so "auto"
+        # steers away from a lane that cannot start anything.
+        token_wait_s = max(self.token_wait_s, self.limiter.last_known_wait_s())
+        return max(by_workers, by_rate) + self.pause_remaining_s() + token_wait_s

@@ -8,8 +8,9 @@ What used to live in flags and locals of three methods is one small structure pe
 * ``Budget`` counts, per request and per lane, transient retries and schema repairs separately:
   a repair never eats a retry, and a fallback lane starts with its own full budget (item 3).
 * ``AttemptHolds`` is what one attempt holds — a global in-flight slot, a TPM reservation, a rate
-  token — taken in that order and given back on every path: a reservation whose call never
-  started is refunded whole, one whose call ran is settled with the reported usage (item 1).
+  token — taken together after the last check (one store round trip) and given back on every
+  path: a reservation whose call never started is refunded whole, one whose call ran is settled
+  with the reported usage (item 1).
 * Transient retries are driven by tenacity's ``Retrying`` (stop, wait, sleep, before_sleep,
   ``lane.retry.retrying``). The first attempt runs without it — a ``Retrying`` costs more than the
   whole per-request overhead — and its failure is replayed as tenacity's attempt 1.
@@ -86,29 +87,31 @@ class AttemptHolds:
         return self
 
     def take(self, estimate: int, deadline_monotonic: float | None, ready: Callable[[], None]) -> float:
-        """Take the slot and the budget, check ``ready`` (raises to abort), then the rate token.
+        """Check ``ready`` (raises to abort), then take the slot, the budget and the token at once.
+
+        The three are taken in one call to the store (``LaneLimiter.admit``: one round trip, and
+        nothing is held while another part is waited for), after the last check: the token goes
+        to an attempt that is about to start. ``admit`` then waits for the token's start; that
+        wait is bounded by the deadline and ends on a cancelling shutdown (it gives back what it
+        took).
 
         Args:
-            estimate: tokens to reserve (0 without a TPM limit).
+            estimate: tokens to reserve (ignored without a TPM limit).
             deadline_monotonic: the request's deadline on ``time.monotonic`` (the limiter's clock).
             ready: raises when the attempt must not start any more (settled, deadline, shutdown).
 
         Returns:
-            Seconds spent waiting for the rate token.
+            Seconds spent waiting in ``admit``.
         """
         lane = self._lane
-        limiter = lane.limiter
-        if lane.pcfg.global_max_parallel:
-            self._release_slot = limiter.acquire_slot(self._stopping, deadline_monotonic)
-        if lane.pcfg.tpm is not None:
-            limiter.reserve_tokens(estimate, self._stopping, deadline_monotonic)
-            self._reserved = estimate
-            lane.metrics.on_tpm_reserved(estimate)
-        # The token is taken last, for an attempt that is about to start: a token held through the
-        # waits above would be spent late (bunching starts), or for an attempt that never starts.
         ready()
         t0 = time.monotonic()
-        limiter.acquire(self._stopping, deadline_monotonic)
+        admission = lane.limiter.admit(estimate if lane.pcfg.tpm is not None else None, self._stopping,
+                                       deadline_monotonic)
+        self._release_slot = admission.release
+        if admission.tokens:
+            self._reserved = admission.tokens
+            lane.metrics.on_tpm_reserved(admission.tokens)
         return time.monotonic() - t0
 
     def spend(self, usage_tokens: int | None) -> None:
