@@ -94,7 +94,9 @@ def _is_int(value: object) -> TypeGuard[int]:
 
 
 def _is_num(value: object) -> TypeGuard[int | float]:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    # An int is finite (and math.isfinite(10**400) raises OverflowError).
+    return not isinstance(value, bool) and (isinstance(value, int)
+                                            or (isinstance(value, float) and math.isfinite(value)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,7 +260,8 @@ class ExecutorConfig:
             _check(isinstance(name, str) and bool(_NAME_RE.match(name)), "providers",
                    "names of lowercase letters, digits and '_' starting with a letter", name)
             if not isinstance(pcfg, ProviderConfig):
-                raise ConfigError(f"providers[{name!r}]: expected a ProviderConfig, got {type(pcfg).__name__}")
+                raise ConfigError(f"providers[{name!r}]: expected a ProviderConfig, got {type(pcfg).__name__}",
+                                  field="providers")
         _check(_count(self.queue_size, 0, MAX_QUEUE_SIZE), "queue_size", f"an integer in [0, {MAX_QUEUE_SIZE}]",
                self.queue_size)
         _check(isinstance(self.backpressure, str) and self.backpressure in ("fail_fast", "block"), "backpressure",
@@ -267,7 +270,8 @@ class ExecutorConfig:
                "block_timeout", f"a number of seconds >= 0 and <= {MAX_SECONDS:g} (a week), or None",
                self.block_timeout)
         _check(isinstance(self.rate_backend, str) and _valid_backend(self.rate_backend), "rate_backend",
-               "'memory', 'sqlite:///path' or 'redis://host:port/db'", mask_url(str(self.rate_backend)))
+               "'memory', 'sqlite:///path' or 'redis://host:port/db'",
+               mask_url(self.rate_backend) if isinstance(self.rate_backend, str) else self.rate_backend)
         _check(isinstance(self.namespace, str) and bool(re.match(r"^[A-Za-z0-9_.:-]{1,64}$", self.namespace)),
                "namespace", "1-64 characters of letters, digits, '_', '.', ':' or '-'", self.namespace)
         _check(isinstance(self.fallbacks, tuple) and all(isinstance(n, str) for n in self.fallbacks),

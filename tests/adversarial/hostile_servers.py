@@ -36,6 +36,7 @@ __all__ = [
     "gzip_bomb_single",
     "header_flood",
     "huge_body",
+    "keep_alive_then",
     "key_echo",
     "long_header_line",
     "redirect",
@@ -219,11 +220,12 @@ def _read_request(sock: socket.socket) -> Request | None:
     return Request(method, path, headers, body)
 
 
-def _head(status: str, headers: dict[str, str] | list[tuple[str, str]], length: int | None) -> bytes:
+def _head(status: str, headers: dict[str, str] | list[tuple[str, str]], length: int | None,
+          *, close: bool = True) -> bytes:
     items = list(headers.items()) if isinstance(headers, dict) else list(headers)
     if length is not None:
         items.append(("Content-Length", str(length)))
-    items.append(("Connection", "close"))
+    items.append(("Connection", "close" if close else "keep-alive"))
     lines = [f"HTTP/1.1 {status}"] + [f"{k}: {v}" for k, v in items]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
@@ -356,6 +358,24 @@ def header_flood(count: int = 20_000) -> Behaviour:
 def long_header_line(size: int = 200_000) -> Behaviour:
     """A 200 with one header line of ``size`` bytes (http.client refuses lines over 64 KiB)."""
     return canned("200 OK", b"{}", {"X-Long": "y" * size})
+
+
+def keep_alive_then(first_body: bytes, then: Behaviour) -> Behaviour:
+    """Answer the first request with a 200 keeping the connection open, then the next one with ``then``.
+
+    The client's second call reuses the pooled connection (no new connect): the path where a
+    guard must pick the socket up at send time.
+    """
+
+    def run(conn: Connection, request: Request) -> None:
+        if not conn.send(_head("200 OK", {"Content-Type": "application/json"}, len(first_body), close=False)
+                         + first_body):
+            return
+        following = _read_request(conn.sock)
+        if following is not None:
+            then(conn, following)
+
+    return run
 
 
 def key_echo(status: str = "401 Unauthorized", malformed: bool = True) -> Behaviour:

@@ -1,0 +1,92 @@
+"""Unit tests of the transport guards: the attempt watch, the watchdog thread, the log filter."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+from llm_executor.providers.transport import (
+    AttemptGuard,
+    AttemptWatch,
+    SecretFilter,
+    register_secret,
+    scrub,
+    watchdog_thread_alive,
+)
+from tests.adversarial.hostile_servers import wait_until
+
+
+def test_an_expired_watch_wakes_a_thread_blocked_on_its_socket() -> None:
+    left, right = socket.socketpair()
+    try:
+        woke = threading.Event()
+        received: list[bytes] = []
+
+        def reader() -> None:
+            with AttemptGuard(time.monotonic() + 0.2) as watch:
+                watch.attach(left)
+                received.append(left.recv(10))  # blocks until the watchdog shuts the socket
+            woke.set()
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        assert woke.wait(5), "the watchdog did not wake the blocked reader"
+        thread.join(5)
+        assert received == [b""]
+    finally:
+        left.close()
+        right.close()
+
+
+def test_a_finished_watch_leaves_its_socket_alone() -> None:
+    left, right = socket.socketpair()
+    try:
+        watch = AttemptWatch(time.monotonic() - 1.0)
+        watch.attach(left)
+        watch.finish()
+        watch.expire()  # a late expiry must not touch a socket back in the pool
+        right.sendall(b"x")
+        assert left.recv(1) == b"x"
+        assert not watch.expired
+    finally:
+        left.close()
+        right.close()
+
+
+def test_the_watchdog_thread_ends_when_no_attempt_is_in_flight() -> None:
+    with AttemptGuard(time.monotonic() + 60):
+        assert watchdog_thread_alive()
+    assert wait_until(lambda: not watchdog_thread_alive(), 5)
+
+
+def test_the_secret_filter_scrubs_messages_args_and_tracebacks() -> None:
+    secret = "sk-filter-test-9b8c7d6e"
+    register_secret(secret)
+    register_secret("short")  # too short to scrub safely: ignored
+    logger = logging.getLogger("urllib3.connection")
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep()
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        try:
+            raise ValueError(f"header line broken-{secret}")
+        except ValueError:
+            logger.warning("Failed to parse headers (url=%s): %s", "http://h/", f"data {secret}", exc_info=True)
+        logger.debug("nothing secret here: %s", "short")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    formatted = [logging.Formatter().format(r) for r in records]
+    assert secret not in formatted[0] and "data ***" in formatted[0] and "broken-***" in formatted[0]
+    assert formatted[1] == "nothing secret here: short"
+    assert scrub(f"a {secret} b") == "a *** b"
+    assert any(isinstance(f, SecretFilter) for f in logging.getLogger("urllib3.connectionpool").filters)
