@@ -456,10 +456,15 @@ class HTTPProvider(abc.ABC):
             The decoded JSON object of a 2xx response.
 
         Raises:
-            ProviderUnavailableError: connection error or timeout (retryable), or a 5xx.
+            ProviderUnavailableError: connection error, or no complete response within
+                ``config.timeout`` (retryable), or a 5xx.
+            DeadlineExceededError: the request's deadline (``request.timeout``, shorter than
+                ``config.timeout``) passed during the attempt.
             RateLimitedError: 429; not retryable when the quota is exhausted.
-            ProviderError: any other status (a 3xx is never followed), or a 2xx body that is
-                not a JSON object.
+            ProviderError: any other status (a 3xx is never followed), a 2xx body that is not a
+                JSON object or is larger than ``config.max_response_bytes``, a reply head that
+                breaks HTTP, or a header value HTTP cannot carry (not retryable).
+            InvalidRequestError: ``body`` cannot be encoded as JSON (NaN in a schema).
         """
         if self._freeze_pending:
             # A race here is harmless: a second thread just reads the environment once more.
@@ -499,7 +504,8 @@ class HTTPProvider(abc.ABC):
                 try:
                     content, failure = self._read_body(response, watch, budget_s, by_deadline, request_id)
                 finally:
-                    # The watch ends before the connection can go back to the pool (close below).
+                    # From here on a late expiry must not touch the connection (closed below, or
+                    # already back in the pool, where the next attempt claims it).
                     watch.finish()
                     if failure is not None or not 200 <= response.status_code < 300:
                         response.close()
@@ -527,9 +533,9 @@ class HTTPProvider(abc.ABC):
 
     def _unsendable(self, kind: str, request_id: str | None) -> ProviderError:
         return ProviderError(
-            f"{self.name}: the request could not be sent ({kind}): a header value has a character HTTP cannot "
-            f"carry (header values must be latin-1 text); check LLM_EXECUTOR_{self.name.upper()}_API_KEY "
-            "and the adapter's options",
+            f"{self.name}: the request could not be sent ({kind}): a header value or the URL has a character "
+            f"HTTP cannot carry (header values must be latin-1 text); check LLM_EXECUTOR_{self.name.upper()}"
+            "_API_KEY, the adapter's options and the base URL",
             provider=self.name, request_id=request_id, retryable=False)
 
     def _read_body(self, response: requests.Response, watch: AttemptWatch, budget_s: float, by_deadline: bool,

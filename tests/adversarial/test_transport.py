@@ -90,3 +90,44 @@ def test_the_secret_filter_scrubs_messages_args_and_tracebacks() -> None:
     assert formatted[1] == "nothing secret here: short"
     assert scrub(f"a {secret} b") == "a *** b"
     assert any(isinstance(f, SecretFilter) for f in logging.getLogger("urllib3.connectionpool").filters)
+
+
+def test_a_late_expiry_leaves_a_connection_the_next_attempt_took_over() -> None:
+    # urllib3 returns a connection to the pool as the body's last byte is read, a moment before the
+    # attempt finishes its watch: if the next attempt has claimed it, the old watch must not cut it.
+    class Conn:
+        pass
+
+    left, right = socket.socketpair()
+    try:
+        conn = Conn()
+        first, second = AttemptWatch(time.monotonic() + 60), AttemptWatch(time.monotonic() + 60)
+        first.attach(left, conn)
+        second.attach(left, conn)  # the next attempt's request() on the pooled connection
+        first.expire()
+        right.sendall(b"x")
+        assert left.recv(1) == b"x", "the first watch cut a connection it no longer owns"
+        second.expire()
+        assert left.recv(1) == b""
+    finally:
+        left.close()
+        right.close()
+
+
+def test_a_nearer_deadline_wakes_the_sleeping_watchdog() -> None:
+    # The watchdog sleeps towards the earliest deadline (at most a second); an attempt armed with a
+    # nearer one must be expired on time, not at the end of that nap.
+    left, right = socket.socketpair()
+    try:
+        with AttemptGuard(time.monotonic() + 60):
+            time.sleep(0.05)  # let the watchdog settle into its nap
+            started = time.monotonic()
+            with AttemptGuard(started + 0.1) as watch:
+                watch.attach(left)
+                left.settimeout(5)
+                assert left.recv(10) == b""
+            woke_after = time.monotonic() - started
+    finally:
+        left.close()
+        right.close()
+    assert woke_after < 0.6, woke_after
