@@ -156,3 +156,19 @@ def test_the_request_deadline_ends_a_slow_attempt_with_deadline_exceeded(label: 
 def test_a_single_member_gzip_bomb_is_cut_at_the_cap() -> None:
     # One gzip member of 256 MiB: a decoder that inflated a whole read at once would blow past the cap.
     _run_case("openai", Case(lambda: gzip_bomb_single(256 << 20), ProviderError, False, 5.0))
+
+
+@pytest.mark.parametrize("scheme", ["redis", "rediss"])
+def test_an_unreachable_backend_url_with_a_password_never_shows_it(scheme: str) -> None:
+    from tests.fakes import FakeProvider
+
+    url = f"{scheme}://user:{CANARY_KEY}@127.0.0.1:1/0"
+    cfg = ExecutorConfig(rate_backend=url, providers={"fake": ProviderConfig(qps=5, global_max_parallel=2)})
+    with Canary() as canary:
+        canary.check_object(cfg, "ExecutorConfig")
+        canary.check_text(repr(cfg.describe()), "describe()")
+        with pytest.raises(LLMExecutorError) as info:
+            Executor(cfg, {"fake": FakeProvider()}).shutdown()
+        canary.check_exception(info.value)
+        leaks = canary.leaks()
+    assert not leaks, "\n".join(leaks)

@@ -6,6 +6,9 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Iterator
+
+import pytest
 
 from llm_executor.providers.transport import (
     AttemptGuard,
@@ -17,42 +20,46 @@ from llm_executor.providers.transport import (
 )
 from tests.adversarial.hostile_servers import wait_until
 
+Pair = tuple[socket.socket, socket.socket]
 
-def test_an_expired_watch_wakes_a_thread_blocked_on_its_socket() -> None:
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    """A connected socket pair: the left end is watched, the right end plays the server."""
     left, right = socket.socketpair()
-    try:
-        woke = threading.Event()
-        received: list[bytes] = []
-
-        def reader() -> None:
-            with AttemptGuard(time.monotonic() + 0.2) as watch:
-                watch.attach(left)
-                received.append(left.recv(10))  # blocks until the watchdog shuts the socket
-            woke.set()
-
-        thread = threading.Thread(target=reader)
-        thread.start()
-        assert woke.wait(5), "the watchdog did not wake the blocked reader"
-        thread.join(5)
-        assert received == [b""]
-    finally:
-        left.close()
-        right.close()
+    left.settimeout(5)  # a test that goes wrong fails, it does not hang
+    yield left, right
+    left.close()
+    right.close()
 
 
-def test_a_finished_watch_leaves_its_socket_alone() -> None:
-    left, right = socket.socketpair()
-    try:
-        watch = AttemptWatch(time.monotonic() - 1.0)
-        watch.attach(left)
-        watch.finish()
-        watch.expire()  # a late expiry must not touch a socket back in the pool
-        right.sendall(b"x")
-        assert left.recv(1) == b"x"
-        assert not watch.expired
-    finally:
-        left.close()
-        right.close()
+def test_an_expired_watch_wakes_a_thread_blocked_on_its_socket(pair: Pair) -> None:
+    left = pair[0]
+    woke = threading.Event()
+    received: list[bytes] = []
+
+    def reader() -> None:
+        with AttemptGuard(time.monotonic() + 0.2) as watch:
+            watch.attach(left)
+            received.append(left.recv(10))  # blocks until the watchdog shuts the socket
+        woke.set()
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    assert woke.wait(5), "the watchdog did not wake the blocked reader"
+    thread.join(5)
+    assert received == [b""]
+
+
+def test_a_finished_watch_leaves_its_socket_alone(pair: Pair) -> None:
+    left, right = pair
+    watch = AttemptWatch(time.monotonic() - 1.0)
+    watch.attach(left)
+    watch.finish()
+    watch.expire()  # a late expiry must not touch a socket back in the pool
+    right.sendall(b"x")
+    assert left.recv(1) == b"x"
+    assert not watch.expired
 
 
 def test_the_watchdog_thread_ends_when_no_attempt_is_in_flight() -> None:
@@ -92,42 +99,33 @@ def test_the_secret_filter_scrubs_messages_args_and_tracebacks() -> None:
     assert any(isinstance(f, SecretFilter) for f in logging.getLogger("urllib3.connectionpool").filters)
 
 
-def test_a_late_expiry_leaves_a_connection_the_next_attempt_took_over() -> None:
+def test_a_late_expiry_leaves_a_connection_the_next_attempt_took_over(pair: Pair) -> None:
     # urllib3 returns a connection to the pool as the body's last byte is read, a moment before the
     # attempt finishes its watch: if the next attempt has claimed it, the old watch must not cut it.
     class Conn:
         pass
 
-    left, right = socket.socketpair()
-    try:
-        conn = Conn()
-        first, second = AttemptWatch(time.monotonic() + 60), AttemptWatch(time.monotonic() + 60)
-        first.attach(left, conn)
-        second.attach(left, conn)  # the next attempt's request() on the pooled connection
-        first.expire()
-        right.sendall(b"x")
-        assert left.recv(1) == b"x", "the first watch cut a connection it no longer owns"
-        second.expire()
-        assert left.recv(1) == b""
-    finally:
-        left.close()
-        right.close()
+    left, right = pair
+    conn = Conn()
+    first, second = AttemptWatch(time.monotonic() + 60), AttemptWatch(time.monotonic() + 60)
+    first.attach(left, conn)
+    second.attach(left, conn)  # the next attempt's request() on the pooled connection
+    first.expire()
+    right.sendall(b"x")
+    assert left.recv(1) == b"x", "the first watch cut a connection it no longer owns"
+    second.expire()
+    assert left.recv(1) == b""
 
 
-def test_a_nearer_deadline_wakes_the_sleeping_watchdog() -> None:
+def test_a_nearer_deadline_wakes_the_sleeping_watchdog(pair: Pair) -> None:
     # The watchdog sleeps towards the earliest deadline (at most a second); an attempt armed with a
     # nearer one must be expired on time, not at the end of that nap.
-    left, right = socket.socketpair()
-    try:
-        with AttemptGuard(time.monotonic() + 60):
-            time.sleep(0.05)  # let the watchdog settle into its nap
-            started = time.monotonic()
-            with AttemptGuard(started + 0.1) as watch:
-                watch.attach(left)
-                left.settimeout(5)
-                assert left.recv(10) == b""
-            woke_after = time.monotonic() - started
-    finally:
-        left.close()
-        right.close()
+    left = pair[0]
+    with AttemptGuard(time.monotonic() + 60):
+        time.sleep(0.05)  # let the watchdog settle into its nap
+        started = time.monotonic()
+        with AttemptGuard(started + 0.1) as watch:
+            watch.attach(left)
+            assert left.recv(10) == b""
+        woke_after = time.monotonic() - started
     assert woke_after < 0.6, woke_after
