@@ -41,6 +41,7 @@ __all__ = [
     "long_header_line",
     "redirect",
     "reset",
+    "reset_mid_body",
     "silent",
     "trickle_body",
     "trickle_head",
@@ -345,6 +346,16 @@ def reset() -> Behaviour:
 
     def run(conn: Connection, request: Request) -> None:
         conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    return run
+
+
+def reset_mid_body(sent_bytes: int = 10) -> Behaviour:
+    """Send a head announcing 1000 bytes and ``sent_bytes`` of them, then reset the connection."""
+
+    def run(conn: Connection, request: Request) -> None:
+        if conn.send(_head("200 OK", {"Content-Type": "application/json"}, 1000) + b"{" + b" " * (sent_bytes - 1)):
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     return run
 

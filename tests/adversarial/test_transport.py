@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from llm_executor.providers.transport import (
+    WATCHDOG_THREAD_NAME,
     AttemptGuard,
     AttemptWatch,
     SecretFilter,
@@ -18,7 +19,6 @@ from llm_executor.providers.transport import (
     scrub,
     watchdog_thread_alive,
 )
-from tests.adversarial.hostile_servers import wait_until
 
 Pair = tuple[socket.socket, socket.socket]
 
@@ -62,10 +62,14 @@ def test_a_finished_watch_leaves_its_socket_alone(pair: Pair) -> None:
     assert not watch.expired
 
 
-def test_the_watchdog_thread_ends_when_no_attempt_is_in_flight() -> None:
+def test_the_watchdog_thread_is_joined_when_the_last_attempt_finishes() -> None:
+    # Deterministic, so that no thread outlives Executor.shutdown(wait=True) (the soak checks it).
     with AttemptGuard(time.monotonic() + 60):
-        assert watchdog_thread_alive()
-    assert wait_until(lambda: not watchdog_thread_alive(), 5)
+        with AttemptGuard(time.monotonic() + 30):
+            assert watchdog_thread_alive()
+        assert watchdog_thread_alive()  # one attempt is still in flight
+    assert not watchdog_thread_alive()
+    assert not [t for t in threading.enumerate() if t.name == WATCHDOG_THREAD_NAME]
 
 
 def test_the_secret_filter_scrubs_messages_args_and_tracebacks() -> None:
