@@ -252,13 +252,9 @@ def _attach_current(sock: object, owner: object) -> None:
 class _GuardedHTTPConnection(HTTPConnection):
     """An urllib3 connection that hands its socket to the calling thread's attempt watch."""
 
-    def _new_conn(self) -> socket.socket:
-        # The raw TCP socket, before a TLS handshake that a hostile server could trickle too.
-        sock = super()._new_conn()
-        _attach_current(sock, self)
-        return sock
-
     def connect(self) -> None:
+        # A TLS handshake needs no watch: CPython bounds the whole handshake by the socket timeout,
+        # which is the attempt's connect timeout cut to its budget.
         super().connect()
         _attach_current(self.sock, self)  # the TLS socket, for HTTPS
 

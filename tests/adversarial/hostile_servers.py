@@ -13,10 +13,12 @@ secret shows up.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -24,6 +26,7 @@ import traceback
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "CANARY_KEY",
@@ -31,6 +34,7 @@ __all__ = [
     "Connection",
     "HostileServer",
     "Request",
+    "TrickleProxy",
     "canned",
     "gzip_bomb",
     "gzip_bomb_single",
@@ -139,12 +143,13 @@ class HostileServer:
         requests: every request read.
     """
 
-    def __init__(self, behaviour: Behaviour) -> None:
+    def __init__(self, behaviour: Behaviour, tls: ssl.SSLContext | None = None) -> None:
         self.behaviour = behaviour
+        self.tls = tls
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.05)
         self.port = self._listener.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.connections: list[Connection] = []
         self.requests: list[Request] = []
         self._stop = threading.Event()
@@ -183,12 +188,15 @@ class HostileServer:
 
     def _serve(self, conn: Connection) -> None:
         try:
+            if self.tls is not None:
+                conn.sock.settimeout(5)
+                conn.sock = self.tls.wrap_socket(conn.sock, server_side=True)
             request = _read_request(conn.sock)
             if request is None:
                 return
             self.requests.append(request)
             self.behaviour(conn, request)
-        except OSError:
+        except (OSError, ssl.SSLError):
             conn._peer_gone()
         finally:
             try:
@@ -407,6 +415,88 @@ def key_echo(status: str = "401 Unauthorized", malformed: bool = True) -> Behavi
         conn.send(head + body)
 
     return run
+
+
+class TrickleProxy:
+    """A TCP proxy to ``upstream_port`` that passes the client's bytes at once and the server's one per ``interval_s``.
+
+    In front of a TLS server it trickles the handshake itself (certificate and all), the phase
+    before any HTTP socket exists. ``client_closed_s`` records when the client gave up.
+    """
+
+    def __init__(self, upstream_port: int, interval_s: float = 0.05) -> None:
+        self.upstream_port = upstream_port
+        self.interval_s = interval_s
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self.port = self._listener.getsockname()[1]
+        self.client_closed_s: list[float] = []
+        self.opened_s: list[float] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> TrickleProxy:
+        self._spawn(self._accept_loop)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in list(self._threads):
+            thread.join(5)
+        self._listener.close()
+
+    def _spawn(self, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name=f"trickle-proxy-{self.port}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.opened_s.append(time.monotonic())
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
+            self._spawn(self._to_server, client, upstream)
+            self._spawn(self._to_client, client, upstream)
+
+    def _to_server(self, client: socket.socket, upstream: socket.socket) -> None:
+        client.settimeout(0.05)
+        while not self._stop.is_set():
+            try:
+                data = client.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                self.client_closed_s.append(time.monotonic())
+                break
+            try:
+                upstream.sendall(data)
+            except OSError:
+                break
+        for sock in (client, upstream):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _to_client(self, client: socket.socket, upstream: socket.socket) -> None:
+        upstream.settimeout(5)
+        try:
+            while not self._stop.is_set():
+                byte = upstream.recv(1)
+                if not byte:
+                    return
+                client.sendall(byte)
+                self._stop.wait(self.interval_s)
+        except OSError:
+            return
+        finally:
+            client.close()
+            upstream.close()
 
 
 # --- the key canary ------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import ssl
 import threading
 import time
 
@@ -21,6 +22,7 @@ from llm_executor.errors import DeadlineExceededError, ProviderUnavailableError
 from llm_executor.providers.openai import OpenAIProvider
 from tests.adversarial.hostile_servers import (
     HostileServer,
+    TrickleProxy,
     keep_alive_then,
     silent,
     trickle_body,
@@ -143,3 +145,64 @@ def _read_with_timeout(fd: int, timeout_s: float) -> bytes:
 def _expect_unavailable(provider: OpenAIProvider) -> None:
     with pytest.raises(ProviderUnavailableError):
         provider.complete(LLMRequest("openai", "m", "hi"))
+
+
+# --- HTTPS: the TLS socket after the handshake, and the handshake itself ------------------------
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, str]:
+    """A server context with a certificate for 127.0.0.1, and the CA bundle path clients trust."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    bundle = tmp_path_factory.mktemp("tls") / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    return server, str(bundle)
+
+
+def _https_openai(base_url: str, bundle: str, timeout: float) -> OpenAIProvider:
+    provider = OpenAIProvider("openai", ProviderConfig(base_url=base_url + "/v1", model="m", max_retries=0,
+                                                       timeout=timeout))
+    provider.session.verify = bundle
+    return provider
+
+
+def test_an_https_reply_is_served_through_the_guarded_connections(tls: tuple[ssl.SSLContext, str]) -> None:
+    context, bundle = tls
+    with HostileServer(keep_alive_then(OK_BODY, trickle_body(0.05)), tls=context) as server:
+        provider = _https_openai(server.url, bundle, 0.5)
+        assert provider.complete(LLMRequest("openai", "m", "hi")).text == "hi"
+        started = time.monotonic()
+        with pytest.raises(ProviderUnavailableError):  # the pooled TLS connection, trickled
+            provider.complete(LLMRequest("openai", "m", "hi"))
+        assert time.monotonic() - started <= 0.5 + SLACK_S
+
+
+def test_an_https_body_trickle_is_cut_at_the_bound(tls: tuple[ssl.SSLContext, str]) -> None:
+    context, bundle = tls
+    with HostileServer(trickle_body(0.05), tls=context) as server:
+        provider = _https_openai(server.url, bundle, 0.5)
+        started = time.monotonic()
+        with pytest.raises(ProviderUnavailableError):
+            provider.complete(LLMRequest("openai", "m", "hi"))
+        elapsed = time.monotonic() - started
+    assert elapsed <= 0.5 + SLACK_S, elapsed
+
+
+@pytest.mark.slow
+def test_a_trickled_tls_handshake_is_cut_at_the_bound(tls: tuple[ssl.SSLContext, str]) -> None:
+    # The certificate arrives a byte per 50 ms (a minute in all). CPython times a handshake as a
+    # whole by the socket timeout: the connect timeout (10 s here) must be cut to the budget.
+    context, bundle = tls
+    with HostileServer(keep_alive_then(OK_BODY, silent()), tls=context) as server, \
+            TrickleProxy(server.port, 0.05) as proxy:
+        provider = _https_openai(f"https://127.0.0.1:{proxy.port}", bundle, 0.6)
+        started = time.monotonic()
+        with pytest.raises(ProviderUnavailableError) as info:
+            provider.complete(LLMRequest("openai", "m", "hi"))
+        elapsed = time.monotonic() - started
+        assert wait_until(lambda: bool(proxy.client_closed_s), 5), "the client never closed the connection"
+    assert "within 0.6s" in str(info.value), info.value
+    assert elapsed <= 0.6 + SLACK_S, elapsed
