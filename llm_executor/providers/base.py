@@ -330,7 +330,10 @@ class HTTPProvider(abc.ABC):
             name: the lane name (usually "openai", "gemini" or "ollama").
             config: the lane's settings (base_url, model, api_key, timeouts, max_parallel...).
             session: a Session to send through (tests inject one); None builds one sized to
-                ``config.max_parallel``.
+                ``config.max_parallel``. An injected Session keeps its own adapters: mount a
+                ``transport.GuardedHTTPAdapter`` on it for the attempt bound to reach a blocked
+                socket (without one, only the socket timeouts and the checks between body
+                chunks apply).
         """
         self.name = name
         self.config = config
