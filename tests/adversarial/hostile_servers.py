@@ -26,7 +26,7 @@ import traceback
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 __all__ = [
     "CANARY_KEY",
@@ -134,42 +134,39 @@ class Connection:
 Behaviour = Callable[[Connection, Request], None]
 
 
-class HostileServer:
-    """A loopback HTTP/1.1 server whose every answer comes from ``behaviour``.
+class _Listener:
+    """A loopback listener whose accepted sockets go to ``_accepted`` (in the acceptor thread).
 
-    Attributes:
-        url: ``http://127.0.0.1:<port>``.
-        connections: every connection accepted, with when the peer closed it.
-        requests: every request read.
+    Every thread it starts is a daemon, named after its port, and joined (bounded) by ``stop()``.
     """
 
-    def __init__(self, behaviour: Behaviour, tls: ssl.SSLContext | None = None) -> None:
-        self.behaviour = behaviour
-        self.tls = tls
+    def __init__(self) -> None:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.05)
-        self.port = self._listener.getsockname()[1]
-        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
-        self.connections: list[Connection] = []
-        self.requests: list[Request] = []
+        self.port: int = self._listener.getsockname()[1]
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._acceptor = threading.Thread(target=self._accept_loop, name=f"hostile-{self.port}", daemon=True)
 
-    def __enter__(self) -> HostileServer:
-        self._acceptor.start()
+    def __enter__(self) -> Self:
+        self._spawn(self._accept_loop)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def stop(self) -> None:
-        """Stop accepting, end every behaviour and join the threads (bounded)."""
+        """Stop accepting, end every connection's thread and join them (bounded)."""
         self._stop.set()
-        self._acceptor.join(5)
+        if self._threads:
+            self._threads[0].join(5)  # the acceptor first: then no thread is added behind our back
         for thread in list(self._threads):
             thread.join(5)
         self._listener.close()
+
+    def _spawn(self, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name=f"hostile-{self.port}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
 
     def _accept_loop(self) -> None:
         while not self._stop.is_set():
@@ -179,12 +176,33 @@ class HostileServer:
                 continue
             except OSError:
                 return
-            conn = Connection(sock, self._stop)
-            self.connections.append(conn)
-            thread = threading.Thread(target=self._serve, args=(conn,), name=f"hostile-{self.port}-conn",
-                                      daemon=True)
-            self._threads.append(thread)
-            thread.start()
+            self._accepted(sock)
+
+    def _accepted(self, sock: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class HostileServer(_Listener):
+    """A loopback HTTP/1.1 server whose every answer comes from ``behaviour``.
+
+    Attributes:
+        url: ``http://127.0.0.1:<port>`` (``https://`` with ``tls``).
+        connections: every connection accepted, with when the peer closed it.
+        requests: every request read.
+    """
+
+    def __init__(self, behaviour: Behaviour, tls: ssl.SSLContext | None = None) -> None:
+        super().__init__()
+        self.behaviour = behaviour
+        self.tls = tls
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.connections: list[Connection] = []
+        self.requests: list[Request] = []
+
+    def _accepted(self, sock: socket.socket) -> None:
+        conn = Connection(sock, self._stop)
+        self.connections.append(conn)
+        self._spawn(self._serve, conn)
 
     def _serve(self, conn: Connection) -> None:
         try:
@@ -417,7 +435,7 @@ def key_echo(status: str = "401 Unauthorized", malformed: bool = True) -> Behavi
     return run
 
 
-class TrickleProxy:
+class TrickleProxy(_Listener):
     """A TCP proxy to ``upstream_port`` that passes the client's bytes at once and the server's one per ``interval_s``.
 
     In front of a TLS server it trickles the handshake itself (certificate and all), the phase
@@ -425,43 +443,17 @@ class TrickleProxy:
     """
 
     def __init__(self, upstream_port: int, interval_s: float = 0.05) -> None:
+        super().__init__()
         self.upstream_port = upstream_port
         self.interval_s = interval_s
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.05)
-        self.port = self._listener.getsockname()[1]
         self.client_closed_s: list[float] = []
         self.opened_s: list[float] = []
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
 
-    def __enter__(self) -> TrickleProxy:
-        self._spawn(self._accept_loop)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in list(self._threads):
-            thread.join(5)
-        self._listener.close()
-
-    def _spawn(self, target: Callable[..., None], *args: Any) -> None:
-        thread = threading.Thread(target=target, args=args, name=f"trickle-proxy-{self.port}", daemon=True)
-        self._threads.append(thread)
-        thread.start()
-
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.opened_s.append(time.monotonic())
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
-            self._spawn(self._to_server, client, upstream)
-            self._spawn(self._to_client, client, upstream)
+    def _accepted(self, client: socket.socket) -> None:
+        self.opened_s.append(time.monotonic())
+        upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
+        self._spawn(self._to_server, client, upstream)
+        self._spawn(self._to_client, client, upstream)
 
     def _to_server(self, client: socket.socket, upstream: socket.socket) -> None:
         client.settimeout(0.05)
