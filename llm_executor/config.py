@@ -20,10 +20,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 from urllib.parse import parse_qsl
 
 from .errors import ConfigError, ConfigWarning
+from .types import MAX_SECONDS
 
 __all__ = [
     "BUILTIN_PROVIDER_NAMES",
@@ -85,6 +86,7 @@ PROVIDER_ENV_VARIABLES: Mapping[str, str] = MappingProxyType({
     "REASONING_MODELS": "model-name prefixes sent max_completion_tokens (OpenAI)",
     "BASE_URL": "endpoint override",
     "API_KEY": "the credential",
+    "MAX_RESPONSE_BYTES": "the largest reply body (after decompression) an adapter reads",
 })
 # Longest first, so LLM_EXECUTOR_X_GLOBAL_MAX_PARALLEL splits as X + GLOBAL_MAX_PARALLEL.
 _SUFFIXES_LONGEST_FIRST = sorted(PROVIDER_ENV_VARIABLES, key=len, reverse=True)
@@ -96,17 +98,67 @@ Backpressure = Literal["fail_fast", "block"]
 BackendFailure = Literal["fail_closed", "local"]
 
 
+# Bounds of numeric settings. Past them a setting is surely a typo, and it breaks something
+# further down: qps=1e-12 overflowed the limiter's clock, waits past threading.TIMEOUT_MAX raise
+# OverflowError (issue 11 item 8). Each ConfigError quotes the bound.
+MIN_QPS = 0.001  # one request per 1000 s; slower rates belong in rpm
+MAX_QPS = 1_000_000.0
+MAX_PARALLEL_LIMIT = 10_000  # threads per lane
+MAX_GLOBAL_PARALLEL = 1_000_000
+MAX_RPM = 60_000_000
+MAX_TPM = 10**12
+MAX_RETRIES_LIMIT = 1_000
+MAX_QUEUE_SIZE = 100_000_000
+MIN_RESPONSE_BYTES = 1024
+MAX_RESPONSE_BYTES = 1 << 30
+DEFAULT_MAX_RESPONSE_BYTES = 32 << 20
+
+
 def _check(cond: bool, what: str, expected: str, value: object) -> None:
     if not cond:
-        raise ConfigError(f"{what}={value!r}: expected {expected}")
+        raise ConfigError(f"{what}={_shown(value)}: expected {expected}", field=what)
 
 
-def _is_int(value: object) -> bool:
+def _shown(value: object) -> str:
+    # A huge or self-referencing value must not turn the error message itself into a problem.
+    try:
+        text = repr(value)
+    except Exception:  # a broken __repr__ of a user's object
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _count(value: object, low: int, high: int) -> bool:
+    return _is_int(value) and low <= value <= high
+
+
+def _seconds(value: object, *, positive: bool) -> bool:
+    return _is_num(value) and (value > 0 if positive else value >= 0) and value <= MAX_SECONDS
+
+
+def header_safe_problem(value: str) -> str | None:
+    """Why ``value`` cannot be an HTTP header value (never quoting it), or None when it can.
+
+    HTTP header values must be latin-1 text without control characters: ``http.client`` encodes
+    them as latin-1 and a CR or LF would start a new header.
+    """
+    for index, char in enumerate(value):
+        code = ord(char)
+        if code > 0xFF:
+            return f"the character at position {index} is not latin-1 (HTTP header values must be latin-1 text)"
+        if code < 0x20 or code == 0x7F:
+            return f"the character at position {index} is a control character (not allowed in an HTTP header)"
+    return None
+
+
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_num(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+def _is_num(value: object) -> TypeGuard[int | float]:
+    # An int is finite (and math.isfinite(10**400) raises OverflowError).
+    return not isinstance(value, bool) and (isinstance(value, int)
+                                            or (isinstance(value, float) and math.isfinite(value)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +186,11 @@ class ProviderConfig:
         reasoning_models: model-name prefixes that take max_completion_tokens and no temperature
             (OpenAI); None = the adapter's default for its base URL.
         options: adapter-specific settings (strings), e.g. {"organization": "org-..."}.
+        max_response_bytes: the largest reply body read (counted after decompression); a larger
+            one fails with a non-retryable ProviderError (built-in adapters).
+
+    Numbers are bounded (a ConfigError quotes the bound): qps in [0.001, 1e6], seconds at most a
+    week, max_parallel at most 10,000; api_key must be latin-1 text without control characters.
     """
 
     max_parallel: int = 4
@@ -154,43 +211,62 @@ class ProviderConfig:
     fallback: bool = False
     reasoning_models: tuple[str, ...] | None = None
     options: Mapping[str, str] = field(default_factory=dict, hash=False)
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
 
     def __post_init__(self) -> None:
-        _check(_is_int(self.max_parallel) and self.max_parallel >= 1, "max_parallel", "an integer >= 1",
-               self.max_parallel)
-        _check(self.qps is None or (_is_num(self.qps) and self.qps > 0), "qps",
-               "a positive number of requests per second or None", self.qps)
-        _check(self.burst is None or (_is_int(self.burst) and self.burst >= 1), "burst", "an integer >= 1 or None",
-               self.burst)
-        _check(self.rpm is None or (_is_int(self.rpm) and self.rpm >= 1), "rpm", "an integer >= 1 or None",
+        week = f"<= {MAX_SECONDS:g} (a week)"
+        _check(_count(self.max_parallel, 1, MAX_PARALLEL_LIMIT), "max_parallel",
+               f"an integer in [1, {MAX_PARALLEL_LIMIT}]", self.max_parallel)
+        _check(self.qps is None or (_is_num(self.qps) and MIN_QPS <= self.qps <= MAX_QPS), "qps",
+               f"a number of requests per second in [{MIN_QPS:g}, {MAX_QPS:g}] or None (slower rates: rpm)",
+               self.qps)
+        _check(self.burst is None or _count(self.burst, 1, int(MAX_QPS)), "burst",
+               f"an integer in [1, {int(MAX_QPS)}] or None", self.burst)
+        _check(self.rpm is None or _count(self.rpm, 1, MAX_RPM), "rpm", f"an integer in [1, {MAX_RPM}] or None",
                self.rpm)
-        _check(self.tpm is None or (_is_int(self.tpm) and self.tpm >= 1), "tpm", "an integer >= 1 or None",
+        _check(self.tpm is None or _count(self.tpm, 1, MAX_TPM), "tpm", f"an integer in [1, {MAX_TPM}] or None",
                self.tpm)
-        _check(_is_num(self.timeout) and self.timeout > 0, "timeout", "a positive number of seconds",
+        _check(_seconds(self.timeout, positive=True), "timeout", f"a positive number of seconds {week}",
                self.timeout)
-        _check(_is_num(self.connect_timeout) and self.connect_timeout > 0, "connect_timeout",
-               "a positive number of seconds", self.connect_timeout)
-        _check(_is_int(self.max_retries) and self.max_retries >= 0, "max_retries", "an integer >= 0",
-               self.max_retries)
-        _check(_is_num(self.max_retry_wait_s) and self.max_retry_wait_s >= 0, "max_retry_wait_s",
-               "a number of seconds >= 0", self.max_retry_wait_s)
-        _check(_is_num(self.backoff_max_s) and self.backoff_max_s >= 0, "backoff_max_s",
-               "a number of seconds >= 0", self.backoff_max_s)
+        _check(_seconds(self.connect_timeout, positive=True), "connect_timeout",
+               f"a positive number of seconds {week}", self.connect_timeout)
+        _check(_count(self.max_retries, 0, MAX_RETRIES_LIMIT), "max_retries",
+               f"an integer in [0, {MAX_RETRIES_LIMIT}]", self.max_retries)
+        _check(_seconds(self.max_retry_wait_s, positive=False), "max_retry_wait_s",
+               f"a number of seconds >= 0 and {week}", self.max_retry_wait_s)
+        _check(_seconds(self.backoff_max_s, positive=False), "backoff_max_s",
+               f"a number of seconds >= 0 and {week}", self.backoff_max_s)
         _check(self.base_url is None or (isinstance(self.base_url, str) and self.base_url.strip() != ""),
-               "base_url", "a URL or None", self.base_url)
+               "base_url", "a URL or None",
+               mask_url(self.base_url) if isinstance(self.base_url, str) else self.base_url)
         _check(self.model is None or isinstance(self.model, str), "model", "a model name or None", self.model)
-        if self.api_key is not None and not isinstance(self.api_key, str):
-            raise ConfigError(f"api_key: expected a string or None, got {type(self.api_key).__name__}")
-        _check(self.global_max_parallel is None or (_is_int(self.global_max_parallel)
-                                                    and self.global_max_parallel >= 1),
-               "global_max_parallel", "an integer >= 1 or None", self.global_max_parallel)
-        _check(_is_int(self.repair_attempts) and self.repair_attempts >= 0, "repair_attempts",
-               "an integer >= 0", self.repair_attempts)
+        if self.api_key is not None:
+            if not isinstance(self.api_key, str):
+                raise ConfigError(f"api_key: expected a string or None, got {type(self.api_key).__name__}",
+                                  field="api_key")
+            problem = header_safe_problem(self.api_key.strip())
+            if problem is not None:
+                # The key travels in a header (Authorization, x-goog-api-key); never quote it.
+                raise ConfigError(f"api_key: {problem}; check the key for a stray character", field="api_key")
+        _check(self.global_max_parallel is None or _count(self.global_max_parallel, 1, MAX_GLOBAL_PARALLEL),
+               "global_max_parallel", f"an integer in [1, {MAX_GLOBAL_PARALLEL}] or None", self.global_max_parallel)
+        _check(_count(self.repair_attempts, 0, MAX_RETRIES_LIMIT), "repair_attempts",
+               f"an integer in [0, {MAX_RETRIES_LIMIT}]", self.repair_attempts)
         _check(isinstance(self.fallback, bool), "fallback", "a bool", self.fallback)
         _check(self.reasoning_models is None or (isinstance(self.reasoning_models, tuple)
                                                  and all(isinstance(m, str) for m in self.reasoning_models)),
                "reasoning_models", "a tuple of model-name prefixes or None", self.reasoning_models)
-        _check(isinstance(self.options, Mapping), "options", "a mapping of strings", self.options)
+        _check(isinstance(self.options, Mapping) and all(isinstance(k, str) and isinstance(v, str)
+                                                         for k, v in self.options.items()),
+               "options", "a mapping of strings to strings", self.options)
+        _check(_count(self.max_response_bytes, MIN_RESPONSE_BYTES, MAX_RESPONSE_BYTES), "max_response_bytes",
+               f"an integer number of bytes in [{MIN_RESPONSE_BYTES}, {MAX_RESPONSE_BYTES}]", self.max_response_bytes)
+
+    def __repr__(self) -> str:
+        # base_url may carry a password or a query string (?key=...); api_key is never shown.
+        parts = [f"{f.name}={mask_url(v) if f.name == 'base_url' and isinstance(v, str) else v!r}"
+                 for f in fields(self) if f.repr for v in (getattr(self, f.name),)]
+        return f"ProviderConfig({', '.join(parts)})"
 
     def describe(self) -> dict[str, Any]:
         """A plain dict of the settings with the key masked, for ``llm-executor config``."""
@@ -247,25 +323,34 @@ class ExecutorConfig:
             _check(isinstance(name, str) and bool(_NAME_RE.match(name)), "providers",
                    "names of lowercase letters, digits and '_' starting with a letter", name)
             if not isinstance(pcfg, ProviderConfig):
-                raise ConfigError(f"providers[{name!r}]: expected a ProviderConfig, got {type(pcfg).__name__}")
-        _check(_is_int(self.queue_size) and self.queue_size >= 0, "queue_size", "an integer >= 0",
+                raise ConfigError(f"providers[{name!r}]: expected a ProviderConfig, got {type(pcfg).__name__}",
+                                  field="providers")
+        _check(_count(self.queue_size, 0, MAX_QUEUE_SIZE), "queue_size", f"an integer in [0, {MAX_QUEUE_SIZE}]",
                self.queue_size)
-        _check(self.backpressure in ("fail_fast", "block"), "backpressure", "'fail_fast' or 'block'",
-               self.backpressure)
-        _check(self.block_timeout is None or (_is_num(self.block_timeout) and self.block_timeout >= 0),
-               "block_timeout", "a number of seconds >= 0 or None", self.block_timeout)
+        _check(isinstance(self.backpressure, str) and self.backpressure in ("fail_fast", "block"), "backpressure",
+               "'fail_fast' or 'block'", self.backpressure)
+        _check(self.block_timeout is None or _seconds(self.block_timeout, positive=False),
+               "block_timeout", f"a number of seconds >= 0 and <= {MAX_SECONDS:g} (a week), or None",
+               self.block_timeout)
         _check(isinstance(self.rate_backend, str) and _valid_backend(self.rate_backend), "rate_backend",
-               _BACKENDS_EXPECTED, mask_url(str(self.rate_backend)))
+               _BACKENDS_EXPECTED,
+               mask_url(self.rate_backend) if isinstance(self.rate_backend, str) else self.rate_backend)
         _check(isinstance(self.namespace, str) and bool(re.match(r"^[A-Za-z0-9_.:-]{1,64}$", self.namespace)),
                "namespace", "1-64 characters of letters, digits, '_', '.', ':' or '-'", self.namespace)
         _check(isinstance(self.fallbacks, tuple) and all(isinstance(n, str) for n in self.fallbacks),
                "fallbacks", "a tuple of provider names", self.fallbacks)
-        _check(_is_num(self.priority_aging_s) and self.priority_aging_s > 0, "priority_aging_s",
-               "a positive number of seconds", self.priority_aging_s)
-        _check(self.backend_failure in ("fail_closed", "local"), "backend_failure",
-               "'fail_closed' or 'local'", self.backend_failure)
-        _check(_is_num(self.lease_ttl_s) and self.lease_ttl_s >= 0.5, "lease_ttl_s", "a number of seconds >= 0.5",
-               self.lease_ttl_s)
+        _check(_seconds(self.priority_aging_s, positive=True), "priority_aging_s",
+               f"a positive number of seconds <= {MAX_SECONDS:g} (a week)", self.priority_aging_s)
+        _check(isinstance(self.backend_failure, str) and self.backend_failure in ("fail_closed", "local"),
+               "backend_failure", "'fail_closed' or 'local'", self.backend_failure)
+        _check(_seconds(self.lease_ttl_s, positive=True) and self.lease_ttl_s >= 0.5, "lease_ttl_s",
+               f"a number of seconds in [0.5, {MAX_SECONDS:g}]", self.lease_ttl_s)
+
+    def __repr__(self) -> str:
+        # rate_backend may be redis://user:password@host: the password is masked, as in describe().
+        parts = [f"{f.name}={mask_url(v) if f.name == 'rate_backend' and isinstance(v, str) else v!r}"
+                 for f in fields(self) for v in (getattr(self, f.name),)]
+        return f"ExecutorConfig({', '.join(parts)})"
 
     def provider(self, name: str) -> ProviderConfig:
         """The config of lane ``name`` (defaults when the provider has none)."""
@@ -466,6 +551,14 @@ def _read_dotenv(path: str | os.PathLike[str] | None) -> tuple[str, dict[str, st
     return str(path), {k: v for k, v in dotenv_values(path).items() if v is not None}
 
 
+# Config fields whose variable is not LLM_EXECUTOR_<NAME>_<FIELD in upper case>.
+_ENV_SUFFIX = {"max_retry_wait_s": "MAX_RETRY_WAIT", "backoff_max_s": "BACKOFF_MAX"}
+_EXECUTOR_ENV = {"queue_size": "LLM_EXECUTOR_QUEUE_SIZE", "block_timeout": "LLM_EXECUTOR_BLOCK_TIMEOUT",
+                 "priority_aging_s": "LLM_EXECUTOR_PRIORITY_AGING", "lease_ttl_s": "LLM_EXECUTOR_LEASE_TTL",
+                 "rate_backend": "LLM_EXECUTOR_RATE_BACKEND", "namespace": "LLM_EXECUTOR_NAMESPACE",
+                 "fallbacks": "LLM_EXECUTOR_FALLBACKS"}
+
+
 class _EnvReader:
     """One parser per type; each names the variable and never echoes a secret."""
 
@@ -563,6 +656,7 @@ class _EnvReader:
             ("backoff_max_s", self.float_(p + "BACKOFF_MAX", "a number of seconds >= 0", allow_zero=True)),
             ("global_max_parallel", self.int_(p + "GLOBAL_MAX_PARALLEL", 1)),
             ("repair_attempts", self.int_(p + "REPAIR_ATTEMPTS", 0)),
+            ("max_response_bytes", self.int_(p + "MAX_RESPONSE_BYTES", MIN_RESPONSE_BYTES)),
             ("fallback", self.bool_(p + "FALLBACK")),
             ("model", self._raw(p + "MODEL")),
         ]
@@ -596,8 +690,16 @@ class _EnvReader:
         kw = {k: v for k, v in pairs if v is not None}
         try:
             return ProviderConfig(**kw)
-        except ConfigError as exc:  # pragma: no cover - every value was checked above
-            raise ConfigError(f"{p}*: {exc}") from None
+        except ConfigError as exc:  # a bound the parsers above do not know: name the variable
+            raise ConfigError(f"{self._variable_of(p, exc.field, key)}: {exc}", field=exc.field) from None
+
+    def _variable_of(self, prefix: str, field_name: str | None, key: str | None) -> str:
+        if field_name == "api_key":
+            for var in (prefix + "API_KEY", "OPENAI_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY", "OLLAMA_API_KEY"):
+                if key is not None and self._raw(var) == key:
+                    return var
+        suffix = _ENV_SUFFIX.get(field_name or "", (field_name or "*").upper())
+        return prefix + suffix
 
     def check_unknown(self, config: ExecutorConfig) -> None:
         """Warn about (or, under LLM_EXECUTOR_STRICT, refuse) every LLM_EXECUTOR_* name nothing reads."""
@@ -655,4 +757,8 @@ class _EnvReader:
             if lease < 0.5:
                 raise self._fail("LLM_EXECUTOR_LEASE_TTL", str(lease), "a number of seconds >= 0.5")
             kw["lease_ttl_s"] = lease
-        return ExecutorConfig(**kw)
+        try:
+            return ExecutorConfig(**kw)
+        except ConfigError as exc:  # a bound the parsers above do not know: name the variable
+            var = _EXECUTOR_ENV.get(exc.field or "", "LLM_EXECUTOR_*")
+            raise ConfigError(f"{var}: {exc}", field=exc.field) from None

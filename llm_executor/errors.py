@@ -48,7 +48,18 @@ class LLMExecutorError(Exception):
 
 
 class ConfigError(LLMExecutorError, ValueError):
-    """A setting is invalid; the message names the variable or field and what was expected."""
+    """A setting is invalid; the message names the variable or field and what was expected.
+
+    Attributes:
+        field: the config field at fault (``"qps"``, ``"api_key"``...), when one is.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.args, self.__dict__))
 
 
 class ConfigWarning(UserWarning):

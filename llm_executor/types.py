@@ -8,17 +8,46 @@ This module imports only the stdlib and ``errors``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import InvalidRequestError
 
-__all__ = ["FINISH_REASONS", "Capabilities", "FinishReason", "LLMRequest", "LLMResponse"]
+__all__ = ["FINISH_REASONS", "MAX_SECONDS", "Capabilities", "FinishReason", "LLMRequest", "LLMResponse"]
 
 FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "other"]
 FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "content_filter", "tool_calls", "other"})
+
+# The longest duration any setting or request may ask for: a week. Longer ones are typos, and a
+# wait past threading.TIMEOUT_MAX raises OverflowError deep in a worker (issue 11 item 8).
+MAX_SECONDS = 7 * 24 * 3600.0
+# Providers parse token counts as 32-bit integers.
+MAX_OUTPUT_TOKENS = 2**31 - 1
+# Identifiers are logged and sent in URLs: bounded, printable.
+_MAX_NAME_CHARS = {"provider": 128, "model": 256, "request_id": 128}
+
+
+def _text_problem(value: str) -> str | None:
+    """Why ``value`` cannot be sent as UTF-8 JSON text (a lone surrogate), or None."""
+    if value.isascii():
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"a lone surrogate at index {exc.start} (not valid Unicode text)"
+    return None
+
+
+def _name_problem(value: str, field: str) -> str | None:
+    """Why identifier ``value`` is unusable (too long, control or unpaired characters), or None."""
+    limit = _MAX_NAME_CHARS[field]
+    if len(value) > limit:
+        return f"at most {limit} characters, got {len(value)}"
+    if not value.isprintable():
+        index = next(i for i, c in enumerate(value) if not c.isprintable())
+        return f"printable text, got a control or unpaired character at index {index}"
+    return None
 
 # The per-attempt copies below set frozen slots directly (what the generated __init__ does, minus
 # its per-field global lookups): bound once here.
@@ -64,8 +93,9 @@ class LLMRequest:
             InvalidRequestError: naming the field and the value expected.
         """
         if not isinstance(self.provider, str) or not self.provider.strip():
+            shown = repr(self.provider) if isinstance(self.provider, str) else type(self.provider).__name__
             raise InvalidRequestError(
-                f"LLMRequest.provider must be a non-empty string, got {self.provider!r}", field="provider"
+                f"LLMRequest.provider must be a non-empty string, got {shown}", field="provider"
             )
         if not isinstance(self.model, str):
             raise InvalidRequestError(
@@ -81,10 +111,24 @@ class LLMRequest:
             raise InvalidRequestError(
                 f"LLMRequest.system must be a string or None, got {type(self.system).__name__}", field="system"
             )
-        mot = self.max_output_tokens
-        if mot is not None and (isinstance(mot, bool) or not isinstance(mot, int) or mot <= 0):
+        if not isinstance(self.request_id, str):
             raise InvalidRequestError(
-                f"LLMRequest.max_output_tokens must be a positive integer or None, got {mot!r}",
+                f"LLMRequest.request_id must be a string, got {type(self.request_id).__name__}", field="request_id"
+            )
+        for name in ("provider", "model", "request_id"):
+            problem = _name_problem(getattr(self, name), name)
+            if problem is not None:
+                raise InvalidRequestError(f"LLMRequest.{name} must be {problem}", field=name)
+        for name in ("prompt", "system"):
+            text = getattr(self, name)
+            problem = None if text is None else _text_problem(text)
+            if problem is not None:
+                raise InvalidRequestError(f"LLMRequest.{name} has {problem}", field=name)
+        mot = self.max_output_tokens
+        if mot is not None and (isinstance(mot, bool) or not isinstance(mot, int) or not 0 < mot <= MAX_OUTPUT_TOKENS):
+            raise InvalidRequestError(
+                f"LLMRequest.max_output_tokens must be an integer in [1, {MAX_OUTPUT_TOKENS}] or None, "
+                f"got {_short(mot)}",
                 field="max_output_tokens",
             )
         temp = self.temperature
@@ -92,28 +136,31 @@ class LLMRequest:
             isinstance(temp, bool) or not isinstance(temp, int | float) or not 0.0 <= temp <= 2.0
         ):
             raise InvalidRequestError(
-                f"LLMRequest.temperature must be a number in [0, 2] or None, got {temp!r}", field="temperature"
-            )
-        if not isinstance(self.request_id, str):
-            raise InvalidRequestError(
-                f"LLMRequest.request_id must be a string, got {type(self.request_id).__name__}", field="request_id"
+                f"LLMRequest.temperature must be a number in [0, 2] or None, got {_short(temp)}", field="temperature"
             )
         if isinstance(self.priority, bool) or not isinstance(self.priority, int) or abs(self.priority) > 10**6:
             raise InvalidRequestError(
-                f"LLMRequest.priority must be an integer in [-1000000, 1000000], got {self.priority!r}",
+                f"LLMRequest.priority must be an integer in [-1000000, 1000000], got {_short(self.priority)}",
                 field="priority",
             )
         tmo = self.timeout
         if tmo is not None and (
-            isinstance(tmo, bool) or not isinstance(tmo, int | float) or not tmo > 0 or math.isinf(tmo)
+            isinstance(tmo, bool) or not isinstance(tmo, int | float) or not 0 < tmo <= MAX_SECONDS
         ):
             raise InvalidRequestError(
-                f"LLMRequest.timeout must be a positive finite number of seconds or None, got {tmo!r}",
+                f"LLMRequest.timeout must be a positive number of seconds <= {MAX_SECONDS:g} (a week) or None, "
+                f"got {_short(tmo)}",
                 field="timeout",
             )
         if not isinstance(self.metadata, Mapping):
             raise InvalidRequestError(
                 f"LLMRequest.metadata must be a mapping, got {type(self.metadata).__name__}", field="metadata"
+            )
+        schema = self.json_schema
+        if schema is not None and not isinstance(schema, Mapping | str):
+            raise InvalidRequestError(
+                f"LLMRequest.json_schema must be a dict, a JSON string or None, got {type(schema).__name__}",
+                field="json_schema",
             )
 
     def for_attempt(self, *, provider: str, model: str, request_id: str, prompt: str,
@@ -137,6 +184,15 @@ class LLMRequest:
         _set(new, "timeout", timeout)
         _set(new, "metadata", self.metadata)
         return new
+
+
+def _short(value: object) -> str:
+    # A 4300-digit int or a huge list must not make the error message itself huge.
+    try:
+        text = repr(value) if isinstance(value, int | float | str | bool | type(None)) else type(value).__name__
+    except ValueError:  # an int past sys.get_int_max_str_digits()
+        text = f"an integer of about {value.bit_length() * 0.30103:.0f} digits" if isinstance(value, int) else "?"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass(frozen=True, slots=True)

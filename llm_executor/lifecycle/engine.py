@@ -20,6 +20,7 @@ import itertools
 import logging
 import os
 import random
+import sys
 import threading
 import time
 import weakref
@@ -332,6 +333,11 @@ def _join_pool(pool: ThreadPoolExecutor) -> None:
 
 
 def _after_fork_in_child() -> None:
+    # Our hook may run before those of modules imported later (the HTTP transport's watchdog lock):
+    # reset that first, since rebuilding the built-in adapters below takes it.
+    transport = sys.modules.get("llm_executor.providers.transport")
+    if transport is not None:
+        transport.after_fork()
     for engine in list(_ENGINES):
         try:
             engine.after_fork_in_child()

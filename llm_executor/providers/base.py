@@ -6,10 +6,12 @@
 "" (the adapter's configured default) and whose ``json_schema`` is a dict.
 
 ``HTTPProvider`` owns the HTTP call of every built-in adapter: one ``requests.Session`` per
-adapter, (connect, read) timeouts, ``allow_redirects=False``, and the *one* place where
-``requests`` exceptions and HTTP error statuses become ``llm_executor.errors``. No ``requests``
-exception, no URL query string and no API key ever leaves this module in an error message,
-an exception chain or a log record. Adapters only build bodies and parse payloads.
+adapter, ``allow_redirects=False``, a total time bound per attempt (``min(config.timeout,
+request.timeout)``, enforced from outside by ``transport``'s watchdog even against a server that
+trickles bytes), a cap on the decompressed reply (``config.max_response_bytes``), and the *one*
+place where ``requests`` exceptions and HTTP error statuses become ``llm_executor.errors``. No
+``requests`` exception, no URL query string and no API key ever leaves this module in an error
+message, an exception chain or a log record. Adapters only build bodies and parse payloads.
 
 Imports: ``types``, ``errors``, ``config`` and ``requests``; never the executor.
 """
@@ -17,11 +19,18 @@ Imports: ``types``, ``errors``, ``config`` and ``requests``; never the executor.
 from __future__ import annotations
 
 import abc
+import http.client
 import json
 import logging
 import math
+
+# requests imports netrc lazily inside each call's get_netrc_auth: a fork while another thread holds
+# that module's import lock leaves the child's first call stuck on it, so import it up front.
+import netrc  # noqa: F401
 import os
 import re
+import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,10 +39,10 @@ from typing import Any, ClassVar, NoReturn
 from urllib.parse import urlsplit
 
 import requests
-from requests.adapters import HTTPAdapter
 
 from ..config import ProviderConfig, mask_url
 from ..errors import (
+    DeadlineExceededError,
     InvalidRequestError,
     LLMExecutorError,
     ProviderError,
@@ -42,6 +51,7 @@ from ..errors import (
 )
 from ..types import Capabilities, LLMRequest, LLMResponse
 from .protocol import Provider
+from .transport import AttemptGuard, AttemptWatch, GuardedHTTPAdapter, register_secret, retain_watchdog
 
 __all__ = [
     "ErrorInfo",
@@ -62,6 +72,12 @@ log = logging.getLogger(__name__)
 
 # Longest provider error text we copy into our own messages: enough to act on, short enough for a log line.
 _MAX_MESSAGE_CHARS = 300
+# Body bytes read per step: the time bound and the size cap are checked between steps.
+_CHUNK_BYTES = 64 * 1024
+# An error body is read up to this much (then cut, not failed): its message is all we keep.
+_MAX_ERROR_BODY_BYTES = 64 * 1024
+# Timeouts that fire within this of the attempt's bound count as the bound being reached.
+_BOUND_SLACK_S = 0.05
 
 
 class MalformedResponseError(Exception):
@@ -340,11 +356,12 @@ def build_session(config: ProviderConfig) -> requests.Session:
 
     urllib3 discards connections past ``pool_maxsize`` ("Connection pool is full"), so the pool
     is sized to the lane's in-flight cap. ``max_retries=0``: retries belong to the executor,
-    which honours Retry-After and takes a fresh rate token per attempt.
+    which honours Retry-After and takes a fresh rate token per attempt. Its connections obey
+    the attempt's total time bound (``transport.GuardedHTTPAdapter``).
     """
     session = requests.Session()
     # One adapter talks to one host, so a couple of per-host pools is plenty.
-    adapter = HTTPAdapter(pool_connections=2, pool_maxsize=config.max_parallel, max_retries=0)
+    adapter = GuardedHTTPAdapter(pool_connections=2, pool_maxsize=config.max_parallel, max_retries=0)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     return session
@@ -398,7 +415,10 @@ class HTTPProvider(abc.ABC):
             name: the lane name (usually "openai", "gemini" or "ollama").
             config: the lane's settings (base_url, model, api_key, timeouts, max_parallel...).
             session: a Session to send through (tests inject one); None builds one sized to
-                ``config.max_parallel``.
+                ``config.max_parallel``. An injected Session keeps its own adapters: mount a
+                ``transport.GuardedHTTPAdapter`` on it for the attempt bound to reach a blocked
+                socket (without one, only the socket timeouts and the checks between body
+                chunks apply).
         """
         self.name = name
         self.config = config
@@ -406,6 +426,12 @@ class HTTPProvider(abc.ABC):
         # setting up base_url after this); an injected one is left exactly as given.
         self._freeze_pending = session is None
         self.session = session if session is not None else build_session(config)
+        # urllib3 quotes unparsable response headers in its log, so a server echoing the key would
+        # put it there: its loggers (and ours) scrub this key from every record.
+        register_secret(config.api_key)
+        # The attempt watchdog's thread stays while this adapter is open (see transport._Watchdog).
+        self._release_watchdog = retain_watchdog()
+        weakref.finalize(self, self._release_watchdog)
 
     def __repr__(self) -> str:
         # Never the key; the base URL masked in case it carries a password or a query.
@@ -417,8 +443,9 @@ class HTTPProvider(abc.ABC):
         return (self.config.base_url or self.default_base_url).strip()
 
     def close(self) -> None:
-        """Close the session's pooled connections."""
+        """Close the session's pooled connections and let the attempt watchdog's thread end."""
         self.session.close()
+        self._release_watchdog()
 
     # -- the adapter's part ------------------------------------------------------------------------
 
@@ -470,7 +497,7 @@ class HTTPProvider(abc.ABC):
         return model
 
     def read_timeout_s(self, request: LLMRequest | None) -> float:
-        """The per-attempt read timeout: ``config.timeout``, cut to the time left before the deadline."""
+        """The attempt's total time bound: ``config.timeout``, cut to the time left before the deadline."""
         if request is not None and request.timeout is not None:
             return max(0.001, min(self.config.timeout, request.timeout))
         return self.config.timeout
@@ -521,52 +548,167 @@ class HTTPProvider(abc.ABC):
             The decoded JSON object of a 2xx response.
 
         Raises:
-            ProviderUnavailableError: connection error or timeout (retryable), or a 5xx.
+            ProviderUnavailableError: connection error, or no complete response within
+                ``config.timeout`` (retryable), or a 5xx.
+            DeadlineExceededError: the request's deadline (``request.timeout``, shorter than
+                ``config.timeout``) passed during the attempt.
             RateLimitedError: 429; not retryable when the quota is exhausted.
-            ProviderError: any other status (a 3xx is never followed), or a 2xx body that is
-                not a JSON object.
+            ProviderError: any other status (a 3xx is never followed), a 2xx body that is not a
+                JSON object or is larger than ``config.max_response_bytes``, a reply head that
+                breaks HTTP, or a header value HTTP cannot carry (not retryable).
+            InvalidRequestError: ``body`` cannot be encoded as JSON (NaN in a schema).
         """
         if self._freeze_pending:
             # A race here is harmless: a second thread just reads the environment once more.
             self._freeze_pending = False
             freeze_environment(self.session, self.base_url)
         request_id = (request.request_id or None) if request is not None else None
-        read_s = self.read_timeout_s(request)
+        data = self._encode_body(body)
+        budget_s = self.read_timeout_s(request)
+        # Which bound ends the attempt decides the error: the request's deadline, or our own timeout.
+        by_deadline = request is not None and request.timeout is not None and request.timeout <= self.config.timeout
+        headers = self._headers()
+        if data is not None:
+            headers = {"Content-Type": "application/json", **headers}
         response: requests.Response | None = None
-        failure: ProviderError | None = None
-        try:
-            response = self.session.request(
-                method,
-                url,
-                json=body,
-                headers=self._headers(),
-                timeout=(self.config.connect_timeout, read_s),
-                # requests re-sends custom headers (x-goog-api-key) to a redirect's new host.
-                allow_redirects=False,
-            )
-        except requests.RequestException as exc:
-            failure = self._transport_error(exc, read_s, request_id)
-        # Raised outside the except block on purpose: requests exceptions carry the URL and the
+        failure: LLMExecutorError | None = None
+        content = b""
+        with AttemptGuard(time.monotonic() + budget_s) as watch:
+            try:
+                response = self.session.request(
+                    method,
+                    url,
+                    data=data,
+                    headers=headers,
+                    # Each socket wait is bounded too; the watchdog bounds their sum.
+                    timeout=(min(self.config.connect_timeout, budget_s), budget_s),
+                    # requests re-sends custom headers (x-goog-api-key) to a redirect's new host.
+                    allow_redirects=False,
+                    stream=True,
+                )
+            except requests.RequestException as exc:
+                failure = self._transport_error(exc, watch, budget_s, by_deadline, request_id)
+            except (UnicodeError, ValueError) as exc:
+                # http.client encodes header values as latin-1: a key with '€' raised a bare
+                # UnicodeEncodeError quoting "Bearer <key>" (issue 11 item 1a). Never chained.
+                failure = self._unsendable(type(exc).__name__, request_id)
+            if failure is None and response is not None:
+                try:
+                    content, failure = self._read_body(response, watch, budget_s, by_deadline, request_id)
+                finally:
+                    # From here on a late expiry must not touch the connection (closed below, or
+                    # already back in the pool, where the next attempt claims it).
+                    watch.finish()
+                    if failure is not None or not 200 <= response.status_code < 300:
+                        response.close()
+        # Raised outside the except blocks on purpose: requests exceptions carry the URL and the
         # PreparedRequest (its headers hold the key), so they must not ride along as __context__.
         if failure is not None or response is None:
             raise failure or ProviderError(f"{self.name}: no response", provider=self.name)
         try:
-            return self._checked_json(response, request_id, model)
+            return self._checked_json(response, content, request_id, model)
         finally:
             response.close()
 
-    def _transport_error(self, exc: requests.RequestException, read_s: float,
-                         request_id: str | None) -> ProviderError:
+    def _encode_body(self, body: Mapping[str, Any] | None) -> bytes | None:
+        """The JSON body as bytes; NaN/Infinity or non-string keys are the request's fault, not the network's."""
+        if body is None:
+            return None
+        try:
+            return json.dumps(body, allow_nan=False).encode("utf-8")
+        except (ValueError, TypeError, RecursionError) as exc:
+            reason = type(exc).__name__
+        # Everything else in a body is validated at submit; a schema is the one free-form part.
+        raise InvalidRequestError(
+            f"{self.name}: the request body cannot be encoded as JSON ({reason}: NaN/Infinity, a non-string key "
+            "or nesting too deep); check LLMRequest.json_schema", field="json_schema")
+
+    def _unsendable(self, kind: str, request_id: str | None) -> ProviderError:
+        return ProviderError(
+            f"{self.name}: the request could not be sent ({kind}): a header value or the URL has a character "
+            f"HTTP cannot carry (header values must be latin-1 text); check LLM_EXECUTOR_{self.name.upper()}"
+            "_API_KEY, the adapter's options and the base URL",
+            provider=self.name, request_id=request_id, retryable=False)
+
+    def _read_body(self, response: requests.Response, watch: AttemptWatch, budget_s: float, by_deadline: bool,
+                   request_id: str | None) -> tuple[bytes, LLMExecutorError | None]:
+        """Read the body within the attempt's bound and the size cap; (bytes, None) or (b"", the error)."""
+        status = response.status_code
+        if 300 <= status < 400:
+            return b"", None  # never followed, never read
+        ok = 200 <= status < 300
+        # A 2xx body is the answer: past the cap it fails. An error body only feeds a message: cut.
+        limit = self.config.max_response_bytes if ok else _MAX_ERROR_BODY_BYTES
+        if ok and _declared_length(response) > limit:
+            return b"", self._too_large(status, request_id)
+        chunks: list[bytes] = []
+        total = 0
+        failure: LLMExecutorError | None = None
+        try:
+            # iter_content decompresses step by step (urllib3 >= 2.6 bounds each step's output),
+            # so a gzip bomb is stopped at the cap, not after inflating (issue 11 item 7).
+            for chunk in response.iter_content(_CHUNK_BYTES):
+                total += len(chunk)
+                if total > limit:
+                    if ok:
+                        failure = self._too_large(status, request_id)
+                    else:
+                        chunks.append(chunk[: len(chunk) - (total - limit)])
+                    break
+                chunks.append(chunk)
+                if watch.is_over():
+                    break
+        except requests.RequestException as exc:
+            failure = self._transport_error(exc, watch, budget_s, by_deadline, request_id)
+        if watch.is_over():
+            # Also when the body "ended": a socket shut by the watchdog reads as EOF.
+            failure = self._attempt_timeout(budget_s, by_deadline, request_id)
+        if failure is not None:
+            return b"", failure
+        return b"".join(chunks), None
+
+    def _too_large(self, status: int, request_id: str | None) -> ProviderError:
+        return ProviderError(
+            f"{self.name}: reply from {self._where()} (HTTP {status}) is larger than max_response_bytes="
+            f"{self.config.max_response_bytes} after decompression; raise LLM_EXECUTOR_{self.name.upper()}"
+            "_MAX_RESPONSE_BYTES if it is genuine",
+            provider=self.name, status=status, request_id=request_id, retryable=False)
+
+    def _attempt_timeout(self, budget_s: float, by_deadline: bool, request_id: str | None) -> LLMExecutorError:
+        where = self._where()
+        if by_deadline:
+            return DeadlineExceededError(
+                f"{self.name}: request {request_id or ''} reached its deadline during an attempt to {where} "
+                f"({budget_s:.3g}s were left when it started); the connection was closed",
+                request_id=request_id, provider=self.name)
+        # The provider may have started (and billed) the generation: a retry can cost twice.
+        return ProviderUnavailableError(
+            f"{self.name}: no complete response from {where} within {self.config.timeout:g}s "
+            f"(LLM_EXECUTOR_{self.name.upper()}_TIMEOUT bounds the whole attempt); the connection was closed",
+            provider=self.name, request_id=request_id, retryable=True)
+
+    def _transport_error(self, exc: requests.RequestException, watch: AttemptWatch, budget_s: float,
+                         by_deadline: bool, request_id: str | None) -> LLMExecutorError:
+        if watch.expired or (isinstance(exc, requests.Timeout) and watch.remaining_s() <= _BOUND_SLACK_S):
+            # The watchdog shut the socket, or a socket wait hit the attempt's bound: one error for both.
+            return self._attempt_timeout(budget_s, by_deadline, request_id)
         where = self._where()
         kind = type(exc).__name__
         if isinstance(exc, requests.ConnectTimeout):
             message = f"{self.name}: could not connect to {where} within {self.config.connect_timeout:g}s"
         elif isinstance(exc, requests.ReadTimeout):
-            # The provider may have started (and billed) the generation: a retry can cost twice.
-            message = f"{self.name}: no response from {where} within {read_s:g}s (read timeout)"
+            message = f"{self.name}: no response from {where} within {budget_s:g}s (read timeout)"
         elif isinstance(exc, requests.exceptions.SSLError):
             return ProviderError(f"{self.name}: TLS error talking to {where} ({kind})", provider=self.name,
                                  request_id=request_id, retryable=False)
+        elif isinstance(exc, requests.exceptions.ContentDecodingError):
+            return ProviderError(
+                f"{self.name}: malformed response from {where}: the body does not match its Content-Encoding",
+                provider=self.name, request_id=request_id, retryable=False)
+        elif (violation := _protocol_violation(exc)) is not None:
+            # A header flood, a 100 KB header line, a garbage status line: the same again on a retry.
+            return ProviderError(f"{self.name}: malformed response from {where}: the reply breaks HTTP ({violation})",
+                                 provider=self.name, request_id=request_id, retryable=False)
         elif isinstance(exc, requests.ConnectionError | requests.exceptions.ChunkedEncodingError):
             message = f"{self.name}: connection to {where} failed ({kind})"
         else:
@@ -578,19 +720,19 @@ class HTTPProvider(abc.ABC):
             )
         return ProviderUnavailableError(message, provider=self.name, request_id=request_id, retryable=True)
 
-    def _checked_json(self, response: requests.Response, request_id: str | None,
+    def _checked_json(self, response: requests.Response, content: bytes, request_id: str | None,
                       model: str | None) -> dict[str, Any]:
         status = response.status_code
         if not 200 <= status < 300:
             try:
-                error = self._status_error(response, request_id, model)
-            except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+                error = self._status_error(response, content, request_id, model)
+            except (KeyError, IndexError, TypeError, AttributeError, ValueError, RecursionError) as exc:
                 # An adapter hook tripped over an odd error body: still a typed error for this status.
                 error = self._plain_status_error(status, type(exc).__name__, request_id)
             raise error
         try:
-            data = json.loads(response.content)
-        except (ValueError, UnicodeDecodeError):
+            data = json.loads(content)
+        except (ValueError, UnicodeDecodeError, RecursionError):
             data = None
         if not isinstance(data, dict):
             raise ProviderError(
@@ -599,7 +741,7 @@ class HTTPProvider(abc.ABC):
             )
         return data
 
-    def _status_error(self, response: requests.Response, request_id: str | None,
+    def _status_error(self, response: requests.Response, content: bytes, request_id: str | None,
                       model: str | None) -> ProviderError:
         status = response.status_code
         kw: dict[str, Any] = {"provider": self.name, "status": status, "request_id": request_id}
@@ -610,7 +752,7 @@ class HTTPProvider(abc.ABC):
                 "check LLM_EXECUTOR_" + self.name.upper() + "_BASE_URL",
                 retryable=False, **kw,
             )
-        info = parse_error_body(response.content)
+        info = parse_error_body(content)
         provider_request_id = response.headers.get("x-request-id")
         suffix = f" [x-request-id {self.redact(provider_request_id)}]" if provider_request_id else ""
         detail = self._describe_error(status, info, model)
@@ -630,7 +772,9 @@ class HTTPProvider(abc.ABC):
             retry_after_s = parse_rate_limit_reset(response.headers)
         if retry_after_s is None:
             retry_after_s = self._body_retry_after_s(info)
-        log.debug("%s error status=%s x-request-id=%s", self.name, status, provider_request_id)
+        # Redacted: a hostile server may echo the key in any header (issue 11 item 1b).
+        log.debug("%s error status=%s x-request-id=%s", self.name, status,
+                  self.redact(provider_request_id) if provider_request_id else None)
         if status == 429 and self._is_quota_exhausted(info):
             # Quota exhaustion is final whatever x-should-retry says: waiting does not refill it.
             return RateLimitedError(message, retryable=False, retry_after_s=retry_after_s, **kw)
@@ -688,3 +832,31 @@ class HTTPProvider(abc.ABC):
         """The error for a call that needs a key nobody configured (names the variables)."""
         names = " or ".join((*variables, f"LLM_EXECUTOR_{self.name.upper()}_API_KEY"))
         return ProviderError(f"{self.name}: no API key: set {names}", provider=self.name, retryable=False)
+
+
+def _declared_length(response: requests.Response) -> int:
+    """The Content-Length of an unencoded body, or -1 (unknown, or counted after decompression)."""
+    if response.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
+        return -1
+    try:
+        return int(response.headers.get("content-length", "-1"))
+    except ValueError:
+        return -1
+
+
+def _protocol_violation(exc: BaseException) -> str | None:
+    """The http.client parse error under a requests exception (its class name), or None.
+
+    A reset or a truncated body (RemoteDisconnected, IncompleteRead) is the connection's fault
+    and worth a retry; a head http.client refuses to parse is the server's and is not.
+    """
+    seen: BaseException | None = exc
+    for _ in range(8):  # requests -> urllib3 -> http.client: a short chain
+        if seen is None:
+            return None
+        for candidate in (seen, *(a for a in seen.args if isinstance(a, BaseException))):
+            if isinstance(candidate, http.client.HTTPException) and not isinstance(
+                    candidate, http.client.RemoteDisconnected | http.client.IncompleteRead):
+                return type(candidate).__name__
+        seen = seen.__cause__ or seen.__context__
+    return None
