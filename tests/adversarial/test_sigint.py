@@ -107,9 +107,6 @@ def _check_round(ex: Executor, provider: CountingProvider, futures: list[Future[
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 11 item 5: Ctrl-C inside submit() while the lane starts a worker "
-                                        "leaves its worker count wrong (MAX_PARALLEL overshot); the lead's "
-                                        "executor rewrite fixes it")
 def test_sigint_at_random_points_leaves_a_reusable_consistent_executor() -> None:
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals are delivered to the main thread only")
