@@ -14,7 +14,10 @@ The HTTP lanes fall back to one another (``LLM_EXECUTOR_FALLBACKS=openai,gemini,
 ``fallback=True``) after retryable failures, so requests change lanes mid-flight.
 Four submitter threads push requests with ``backpressure="block"``; some carry a deadline
 (``request.timeout``), some a JSON schema, some are cancelled (at once, later, or twice from
-another thread). When 80 % have been submitted another thread calls
+another thread). With ``--redis-kill local|fail_closed`` the limits live in a Redis of the soak's own (a
+``redis-server`` on a free port), which is killed when 30 % of the requests have been submitted and
+restarted at 50 %, under that ``LLM_EXECUTOR_BACKEND_FAILURE`` policy: nothing may be lost or
+counted twice across it. When 80 % have been submitted another thread calls
 ``shutdown(wait=True, cancel_futures=True)`` while the submitters keep going: each later submit
 must raise ExecutorShutdownError.
 
@@ -48,7 +51,11 @@ import math
 import queue
 import random
 import resource
+import shutil
+import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -95,6 +102,51 @@ HANG_S = 5.0  # the emulator would hold a hung call this long; the client gives 
 SCHEMA = {"type": "object", "properties": {"summary": {"type": "string"}}, "required": ["summary"]}
 SUBMITTERS = 4
 SHUTDOWN_AT = 0.8
+KILL_AT, RESTART_AT = 0.3, 0.5  # --redis-kill: the private Redis dies and comes back
+
+
+class _PrivateRedis:
+    """A ``redis-server`` of the soak's own on a free loopback port (never a shared one)."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("--redis-kill needs redis-server on PATH")
+        self.binary = binary
+        self.dir = tempfile.mkdtemp(prefix="soak-redis-")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+                                      "--appendonly", "no", "--dir", self.dir],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.starts += 1
+        give_up = time.monotonic() + 10
+        while time.monotonic() < give_up:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class SoakCrash(BaseException):
@@ -294,7 +346,7 @@ def make_plan(n: int, seed: int, *, cancels: bool = True, double_cancel: bool = 
 
 def run_soak(requests: int = 10_000, fault_rate: float = 0.3, seed: int = 0, *, trace_memory: bool = True,
              cancels: bool = True, double_cancel: bool = True, shutdown_at: float = SHUTDOWN_AT,
-             progress: bool = False, fallbacks: bool = True) -> SoakReport:
+             progress: bool = False, fallbacks: bool = True, redis_kill: str | None = None) -> SoakReport:
     """Run the soak and return its report (see the module docstring for what is checked).
 
     Args:
@@ -307,6 +359,8 @@ def run_soak(requests: int = 10_000, fault_rate: float = 0.3, seed: int = 0, *, 
         shutdown_at: fraction of ``requests`` submitted before the mid-run shutdown.
         progress: print a line every few seconds to stderr.
         fallbacks: the HTTP lanes fall back to one another after retryable failures.
+        redis_kill: None (limits in memory), or "local"/"fail_closed": limits in a private Redis
+            that is killed at 30 % and restarted at 50 % of the submissions, under that policy.
     """
     report = SoakReport(requests, fault_rate, seed)
     rng = random.Random(f"{seed}:keys")
@@ -336,7 +390,7 @@ def run_soak(requests: int = 10_000, fault_rate: float = 0.3, seed: int = 0, *, 
         tracemalloc.start()
     t0 = time.monotonic()
     try:
-        _run(report, plan, keys, scanner, fault_rate, seed, baseline, shutdown_at, progress, fallbacks)
+        _run(report, plan, keys, scanner, fault_rate, seed, baseline, shutdown_at, progress, fallbacks, redis_kill)
     finally:
         report.duration_s = time.monotonic() - t0
         if trace_memory:
@@ -366,7 +420,8 @@ def run_soak(requests: int = 10_000, fault_rate: float = 0.3, seed: int = 0, *, 
 
 def _run(report: SoakReport, plan: list[Plan], keys: dict[str, str], scanner: KeyScanHandler,
          fault_rate: float, seed: int, baseline: set[threading.Thread], shutdown_at: float,
-         progress: bool, fallbacks: bool) -> None:
+         progress: bool, fallbacks: bool, redis_kill: str | None) -> None:
+    store = _PrivateRedis() if redis_kill else None
     sims = {n: ProviderSim(max_concurrency=LANES[n].max_parallel, rps=LANES[n].qps, latency_s=LANES[n].latency_s,
                            fault_rate=fault_rate, faults=FAULTS, slow_s=0.1, hang_s=HANG_S, retry_after_s=0.1,
                            require_key=keys[n]) for n in HTTP_LANES}
@@ -386,9 +441,12 @@ def _run(report: SoakReport, plan: list[Plan], keys: dict[str, str], scanner: Ke
             queue_size=64,
             backpressure="block",
             fallbacks=HTTP_LANES if fallbacks else (),
+            rate_backend=store.url if store is not None else "memory",
+            namespace=f"soak-{seed}",
+            backend_failure=redis_kill or "fail_closed",
         )
         ex = Executor(config, providers={"crashy": CrashyProvider(seed)})
-        _drive(report, ex, plan, scanner, shutdown_at, progress)
+        _drive(report, ex, plan, scanner, shutdown_at, progress, store)
         ex.shutdown(wait=True)
         alive = [t for t in threading.enumerate() if t not in baseline]
         strays = [t.name for t in alive if not t.name.startswith("llm-emulator")]
@@ -398,14 +456,17 @@ def _run(report: SoakReport, plan: list[Plan], keys: dict[str, str], scanner: Ke
         _check_limits(report, ex, emu)
     finally:
         emu.stop()
+        if store is not None:
+            store.stop()
     leftover = [t.name for t in threading.enumerate() if t not in baseline and t.is_alive()]
     report.threads["after_stop"] = len(leftover)
     report.check("threads", not leftover, f"alive after the emulator stopped: {sorted(leftover)[:10]}")
 
 
 def _drive(report: SoakReport, ex: Executor, plan: list[Plan], scanner: KeyScanHandler, shutdown_at: float,
-           progress: bool) -> None:
+           progress: bool, store: _PrivateRedis | None = None) -> None:
     n = len(plan)
+    kill_at, restart_at = threading.Event(), threading.Event()
     lock = threading.Lock()
     callback_lock = threading.Lock()
     futures: dict[int, Future[LLMResponse]] = {}
@@ -432,6 +493,10 @@ def _drive(report: SoakReport, ex: Executor, plan: list[Plan], scanner: KeyScanH
                 attempted[0] += 1
                 if attempted[0] >= shutdown_at * n:
                     trigger.set()
+                if attempted[0] >= KILL_AT * n:
+                    kill_at.set()
+                if attempted[0] >= RESTART_AT * n:
+                    restart_at.set()
             after_shutdown = shutdown_returned.is_set()
             request = LLMRequest(p.lane, LANES[p.lane].model, f"Summarise item {p.index} in one line.",
                                  json_schema=SCHEMA if p.schema else None, priority=p.priority, timeout=p.timeout,
@@ -484,7 +549,16 @@ def _drive(report: SoakReport, ex: Executor, plan: list[Plan], scanner: KeyScanH
         ex.shutdown(wait=True, cancel_futures=True)
         shutdown_returned.set()
 
+    def store_killer() -> None:
+        assert store is not None
+        kill_at.wait()
+        store.kill()
+        restart_at.wait()
+        store.start()
+
     threads = [threading.Thread(target=submitter, args=(k,), name=f"soak-submit-{k}") for k in range(SUBMITTERS)]
+    if store is not None:
+        threads.insert(SUBMITTERS, threading.Thread(target=store_killer, name="soak-redis"))
     threads.append(threading.Thread(target=canceller, name="soak-cancel"))
     threads.append(threading.Thread(target=shutter, name="soak-shutdown"))
     for t in threads:
@@ -498,6 +572,11 @@ def _drive(report: SoakReport, ex: Executor, plan: list[Plan], scanner: KeyScanH
             done = sum(1 for f in list(futures.values()) if f.done())
             print(f"soak: {attempted[0]}/{n} submitted, {done} resolved", file=sys.stderr)
     trigger.set()  # a tiny run may never reach the threshold
+    kill_at.set()
+    restart_at.set()
+    if store is not None:
+        threads[SUBMITTERS].join(30)
+        counts["redis_restarts"] = store.starts - 1
     threads[-1].join(120)
     cancel_q.put(None)
     threads[-2].join(60)
@@ -654,11 +733,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-double-cancel", action="store_true",
                         help="never call Future.cancel() twice on one request")
     parser.add_argument("--progress", action="store_true", help="a progress line every 5 s on stderr")
+    parser.add_argument("--redis-kill", choices=["local", "fail_closed"],
+                        help="limits in a private Redis, killed at 30%% and restarted at 50%% of the run, "
+                             "under this LLM_EXECUTOR_BACKEND_FAILURE policy")
     args = parser.parse_args(argv)
     if args.requests < 1 or not 0.0 <= args.fault_rate <= 1.0:
         parser.error("--requests must be >= 1 and --fault-rate in [0, 1]")
     report = run_soak(args.requests, args.fault_rate, args.seed, trace_memory=not args.no_tracemalloc,
-                      double_cancel=not args.no_double_cancel, progress=args.progress)
+                      double_cancel=not args.no_double_cancel, progress=args.progress,
+                      redis_kill=args.redis_kill)
     if args.json == "-":
         print(json.dumps(report.as_dict(), indent=2, default=str))
     else:
