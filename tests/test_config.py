@@ -258,6 +258,7 @@ def test_every_variable_the_reader_reads_is_known_and_raises_no_warning() -> Non
         env[f"LLM_EXECUTOR_{name}_BASE_URL"] = "http://127.0.0.1:1/v1"
         env[f"LLM_EXECUTOR_{name}_MODEL"] = "m"
         env[f"LLM_EXECUTOR_{name}_FALLBACK"] = "true"
+        env[f"LLM_EXECUTOR_{name}_MAX_RESPONSE_BYTES"] = "65536"
     assert config_warnings(env) == []
     assert set(PROVIDER_ENV_VARIABLES) >= {"MAX_PARALLEL", "QPS", "RPM", "TPM", "TIMEOUT", "MAX_RETRIES",
                                            "BASE_URL", "MODEL", "GLOBAL_MAX_PARALLEL"}

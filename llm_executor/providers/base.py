@@ -30,7 +30,6 @@ import netrc  # noqa: F401
 import os
 import re
 import time
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -51,7 +50,7 @@ from ..errors import (
 )
 from ..types import Capabilities, LLMRequest, LLMResponse
 from .protocol import Provider
-from .transport import AttemptGuard, AttemptWatch, GuardedHTTPAdapter, register_secret, retain_watchdog
+from .transport import AttemptGuard, AttemptWatch, GuardedHTTPAdapter, register_secret
 
 __all__ = [
     "ErrorInfo",
@@ -429,9 +428,6 @@ class HTTPProvider(abc.ABC):
         # urllib3 quotes unparsable response headers in its log, so a server echoing the key would
         # put it there: its loggers (and ours) scrub this key from every record.
         register_secret(config.api_key)
-        # The attempt watchdog's thread stays while this adapter is open (see transport._Watchdog).
-        self._release_watchdog = retain_watchdog()
-        weakref.finalize(self, self._release_watchdog)
 
     def __repr__(self) -> str:
         # Never the key; the base URL masked in case it carries a password or a query.
@@ -443,9 +439,8 @@ class HTTPProvider(abc.ABC):
         return (self.config.base_url or self.default_base_url).strip()
 
     def close(self) -> None:
-        """Close the session's pooled connections and let the attempt watchdog's thread end."""
+        """Close the session's pooled connections."""
         self.session.close()
-        self._release_watchdog()
 
     # -- the adapter's part ------------------------------------------------------------------------
 
