@@ -15,7 +15,7 @@ import pytest
 from llm_executor import Capabilities, LLMRequest, LLMResponse
 from llm_executor.testing import max_in_window
 
-__all__ = ["FakeProvider", "GateProvider", "fake", "gate", "llm_threads", "max_in_window", "req"]
+__all__ = ["FakeProvider", "GateProvider", "fake", "gate", "llm_threads", "max_in_window", "req", "wait_for"]
 
 
 class FakeProvider:
@@ -112,3 +112,13 @@ def req(provider: str = "fake", prompt: str = "hi", **kw: Any) -> LLMRequest:
 
 def llm_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith(("llm-executor", "PyrateLimiter"))]
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float = 5.0) -> bool:
+    """Poll ``predicate`` until true, for conditions only observable from outside (threads ending)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return bool(predicate())

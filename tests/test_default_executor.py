@@ -11,7 +11,6 @@ import multiprocessing
 import os
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +21,7 @@ import llm_executor.default
 from llm_executor import Executor, ExecutorConfig, LLMRequest, ProviderConfig, default_executor
 from llm_executor.metrics import ExecutorStats, ProviderStats
 from llm_executor.testing import Emulator, ProviderSim
+from tests.fakes import wait_for
 
 
 @pytest.fixture
@@ -43,13 +43,6 @@ def emulator_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Emulator]:
                 current.shutdown(cancel_futures=True)
 
 
-def _wait_for(predicate: Any, timeout_s: float = 5.0) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return bool(predicate())
 
 
 def hello(prompt: str = "Say hello") -> LLMRequest:
@@ -92,7 +85,7 @@ def test_default_executor_with_a_config_replaces_it_and_cancels_the_old_queue(em
     old = default_executor()
     emulator_env.set_limits("openai", latency_s=0.5)
     running = old.submit(hello("running"))
-    assert _wait_for(lambda: emulator_env.stats("openai").in_flight == 1)  # the provider call started
+    assert wait_for(lambda: emulator_env.stats("openai").in_flight == 1)  # the provider call started
     queued = [old.submit(hello(f"queued {i}")) for i in range(3)]
     config = ExecutorConfig(providers={"openai": ProviderConfig(
         base_url=emulator_env.url("openai"), model="gpt-4o-mini", max_parallel=2)})

@@ -30,17 +30,7 @@ from llm_executor.errors import (
     RateLimitedError,
 )
 from llm_executor.testing import Emulator, ProviderSim, ScriptedProvider
-from tests.fakes import FakeProvider, GateProvider, req
-
-
-def wait_for(predicate: Any, timeout_s: float = 5.0) -> bool:
-    """Poll ``predicate`` until true (for conditions only observable from outside, e.g. threads)."""
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return bool(predicate())
+from tests.fakes import FakeProvider, GateProvider, req, wait_for
 
 
 class ReportingProvider(FakeProvider):

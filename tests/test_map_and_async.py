@@ -13,7 +13,6 @@ import concurrent.futures
 import io
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +20,7 @@ import pytest
 
 from llm_executor import Executor, ExecutorConfig, LLMRequest, ProviderConfig
 from llm_executor.errors import ContentBlockedError, InvalidRequestError, QueueFullError
-from tests.fakes import FakeProvider, GateProvider, req
+from tests.fakes import FakeProvider, GateProvider, req, wait_for
 
 
 def one(name: str = "fake", **kw: Any) -> ExecutorConfig:
@@ -29,13 +28,6 @@ def one(name: str = "fake", **kw: Any) -> ExecutorConfig:
     return ExecutorConfig(providers={name: ProviderConfig(**pcfg)}, **kw)
 
 
-def wait_for(predicate: Any, timeout_s: float = 5.0) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return bool(predicate())
 
 
 class FakeClock:
