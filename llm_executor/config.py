@@ -87,6 +87,7 @@ PROVIDER_ENV_VARIABLES: Mapping[str, str] = MappingProxyType({
     "BASE_URL": "endpoint override",
     "API_KEY": "the credential",
     "MAX_RESPONSE_BYTES": "the largest reply body (after decompression) an adapter reads",
+    "WINDOW_MARGIN_MS": "rate windows are this much longer than 1 s / 60 s (token-to-provider jitter)",
 })
 # Longest first, so LLM_EXECUTOR_X_GLOBAL_MAX_PARALLEL splits as X + GLOBAL_MAX_PARALLEL.
 _SUFFIXES_LONGEST_FIRST = sorted(PROVIDER_ENV_VARIABLES, key=len, reverse=True)
@@ -188,6 +189,10 @@ class ProviderConfig:
         options: adapter-specific settings (strings), e.g. {"organization": "org-..."}.
         max_response_bytes: the largest reply body read (counted after decompression); a larger
             one fails with a non-retryable ProviderError (built-in adapters).
+        window_margin_ms: each QPS/RPM window is this much longer than its 1 s / 60 s, so that
+            the time between our token and the provider counting the request (threads, network
+            jitter) cannot put QPS + 1 requests into one of the provider's windows. Raise it for a
+            far-away provider or a loaded host (costs ~margin/1000 of the rate).
 
     Numbers are bounded (a ConfigError quotes the bound): qps in [0.001, 1e6], seconds at most a
     week, max_parallel at most 10,000; api_key must be latin-1 text without control characters.
@@ -212,6 +217,7 @@ class ProviderConfig:
     reasoning_models: tuple[str, ...] | None = None
     options: Mapping[str, str] = field(default_factory=dict, hash=False)
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    window_margin_ms: int = 20
 
     def __post_init__(self) -> None:
         week = f"<= {MAX_SECONDS:g} (a week)"
@@ -261,6 +267,8 @@ class ProviderConfig:
                "options", "a mapping of strings to strings", self.options)
         _check(_count(self.max_response_bytes, MIN_RESPONSE_BYTES, MAX_RESPONSE_BYTES), "max_response_bytes",
                f"an integer number of bytes in [{MIN_RESPONSE_BYTES}, {MAX_RESPONSE_BYTES}]", self.max_response_bytes)
+        _check(_count(self.window_margin_ms, 0, 1000), "window_margin_ms", "an integer number of ms in [0, 1000]",
+               self.window_margin_ms)
 
     def __repr__(self) -> str:
         # base_url may carry a password or a query string (?key=...); api_key is never shown.
@@ -657,6 +665,7 @@ class _EnvReader:
             ("global_max_parallel", self.int_(p + "GLOBAL_MAX_PARALLEL", 1)),
             ("repair_attempts", self.int_(p + "REPAIR_ATTEMPTS", 0)),
             ("max_response_bytes", self.int_(p + "MAX_RESPONSE_BYTES", MIN_RESPONSE_BYTES)),
+            ("window_margin_ms", self.int_(p + "WINDOW_MARGIN_MS", 0)),
             ("fallback", self.bool_(p + "FALLBACK")),
             ("model", self._raw(p + "MODEL")),
         ]

@@ -281,6 +281,10 @@ class Engine:
         for lane in self.lanes.values():
             _join_pool(lane.pool)
         self.reaper.stop()
+        # The HTTP watchdog thread lingers between attempts; none may outlive shutdown(wait=True).
+        transport = sys.modules.get("llm_executor.providers.transport")
+        if transport is not None:
+            transport.quiesce_watchdog()
         for lane in self.lanes.values():
             lane.limiter.close()
             if lane.builtin:

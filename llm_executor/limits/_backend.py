@@ -102,8 +102,13 @@ def _qps_rates(qps: int, margin_ms: int, burst: int | None = None) -> list[Rate]
     return [pace, window]
 
 
-def build_rates(cfg: ProviderConfig, margin_ms: int = WINDOW_MARGIN_MS) -> tuple[Rate, ...]:
-    """The rates for ``cfg``'s QPS and RPM, shortest window first (empty when neither is set)."""
+def build_rates(cfg: ProviderConfig, margin_ms: int | None = None) -> tuple[Rate, ...]:
+    """The rates for ``cfg``'s QPS and RPM, shortest window first (empty when neither is set).
+
+    ``margin_ms`` defaults to ``cfg.window_margin_ms`` (``WINDOW_MARGIN_MS`` unless configured).
+    """
+    if margin_ms is None:
+        margin_ms = cfg.window_margin_ms
     rates: list[Rate] = []
     if cfg.qps is not None:
         if cfg.qps >= 1:

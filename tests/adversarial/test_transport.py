@@ -10,11 +10,13 @@ from collections.abc import Iterator
 
 import pytest
 
+from llm_executor.providers import transport
 from llm_executor.providers.transport import (
     WATCHDOG_THREAD_NAME,
     AttemptGuard,
     AttemptWatch,
     SecretFilter,
+    quiesce_watchdog,
     register_secret,
     scrub,
     watchdog_thread_alive,
@@ -62,14 +64,35 @@ def test_a_finished_watch_leaves_its_socket_alone(pair: Pair) -> None:
     assert not watch.expired
 
 
-def test_the_watchdog_thread_is_joined_when_the_last_attempt_finishes() -> None:
-    # Deterministic, so that no thread outlives Executor.shutdown(wait=True) (the soak checks it).
+def test_the_watchdog_thread_lingers_between_attempts_and_quiesce_joins_it() -> None:
+    # One thread across attempts that never overlap (no start + join per attempt); quiesce()
+    # (called by Executor.shutdown(wait=True)) joins it, so no thread outlives shutdown.
     with AttemptGuard(time.monotonic() + 60):
         with AttemptGuard(time.monotonic() + 30):
             assert watchdog_thread_alive()
         assert watchdog_thread_alive()  # one attempt is still in flight
+    first = [t for t in threading.enumerate() if t.name == WATCHDOG_THREAD_NAME]
+    assert watchdog_thread_alive() and len(first) == 1  # lingering
+    with AttemptGuard(time.monotonic() + 60):
+        quiesce_watchdog()  # an attempt is in flight: not stopped
+        assert [t for t in threading.enumerate() if t.name == WATCHDOG_THREAD_NAME] == first
+    quiesce_watchdog()
     assert not watchdog_thread_alive()
     assert not [t for t in threading.enumerate() if t.name == WATCHDOG_THREAD_NAME]
+
+
+def test_an_idle_watchdog_thread_ends_after_its_linger(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport, "WATCHDOG_LINGER_S", 0.05)
+    quiesce_watchdog()
+    with AttemptGuard(time.monotonic() + 60):
+        pass
+    threads = [t for t in threading.enumerate() if t.name == WATCHDOG_THREAD_NAME]
+    assert len(threads) == 1
+    threads[0].join(5)
+    assert not threads[0].is_alive() and not watchdog_thread_alive()
+    with AttemptGuard(time.monotonic() + 60):  # the next attempt starts a new one
+        assert watchdog_thread_alive()
+    quiesce_watchdog()
 
 
 def test_the_secret_filter_scrubs_messages_args_and_tracebacks() -> None:

@@ -1,19 +1,44 @@
-"""A child process of test_clocks.py: one Executor from the environment, run under libfaketime.
+"""A child process of test_clocks.py: one Executor from the environment, on a skewed wall clock.
+
+Its wall clock (``time.time``/``time.time_ns``, patched before the library is imported) reads
+``CLOCK_TEST_SKEW_S`` seconds off the host's, plus the number of seconds in
+``CLOCK_TEST_STEP_FILE`` (re-read on every call), so the parent can step it mid-run as NTP does.
+Every clock the library reads goes through the ``time`` module, so this fakes what libfaketime
+faked for it, without libfaketime's cost: under it every lock hand-off between threads of this
+process took ~20 ms (measured: the rate token to the wire went from ~2 ms to 20-70 ms), past the
+20 ms window margin, which is scheduling jitter and not the clocks under test.
 
 Protocol on stdout/stdin (one line each): sends one warm-up request, prints ``ready <time.time()>``;
 waits for ``go <seconds>``; submits more requests than the run can start, shuts down (cancelling
 the rest) after ``seconds`` on its monotonic clock; prints ``done <answered> <failed> <time.time()> <error classes>``.
-It waits on an Event, not ``time.sleep``: libfaketime 0.9.10 breaks ``clock_nanosleep`` (EINVAL);
-the library itself never sleeps that way.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
 
-from llm_executor import Executor, ExecutorConfig, LLMRequest
+
+def _skew_wall_clock() -> None:
+    skew_s = float(os.environ.get("CLOCK_TEST_SKEW_S", "0"))
+    step_file = os.environ.get("CLOCK_TEST_STEP_FILE")
+    real_time, real_time_ns = time.time, time.time_ns
+
+    def offset_s() -> float:
+        if not step_file:
+            return skew_s
+        with open(step_file, encoding="ascii") as f:
+            return skew_s + float(f.read().strip() or 0)
+
+    time.time = lambda: real_time() + offset_s()  # type: ignore[assignment]
+    time.time_ns = lambda: real_time_ns() + int(offset_s() * 1e9)  # type: ignore[assignment]
+
+
+_skew_wall_clock()
+
+from llm_executor import Executor, ExecutorConfig, LLMRequest  # noqa: E402  (after the clock is skewed)
 
 
 def main() -> int:
