@@ -17,11 +17,32 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["ExecutorStats", "LaneMetrics", "PrometheusExporter", "ProviderStats"]
+__all__ = ["ExecutorStats", "LaneMetrics", "LearnedLimit", "PrometheusExporter", "ProviderStats"]
 
 _RECENT = 2048  # latencies kept for p50/p95: bounded memory, recent behaviour
 
 log = logging.getLogger("llm_executor")
+
+
+@dataclass(frozen=True)
+class LearnedLimit:
+    """One limit a lane set itself (``auto``), as ``stats()`` shows it.
+
+    Attributes:
+        value: the limit in force (requests/s for ``qps``, per minute for ``rpm``/``tpm``,
+            calls for ``max_parallel``).
+        source: where it came from: "configured" (the safe start), "headers" (the provider's
+            rate-limit headers), "probe" (additive increase / multiplicative decrease on 429s),
+            "gradient" (latency-gradient concurrency), "store" (another process, through the
+            shared backend).
+        changed_at: wall-clock time (epoch s) of the last change, None while never changed.
+        changes: how many times it changed.
+    """
+
+    value: float
+    source: str
+    changed_at: float | None = None
+    changes: int = 0
 
 
 @dataclass(frozen=True)
@@ -49,6 +70,8 @@ class ProviderStats:
         max_parallel / qps: the configured limits, for comparison.
         paused_until: wall-clock time (epoch s) until which a 429 paused the lane, or None.
         tpm_reserved: TPM tokens reserved by attempts waiting or running now (0 when idle).
+        learned: each limit configured ``auto`` ("qps", "rpm", "tpm", "max_parallel") as the lane
+            learned it (empty when none is ``auto``).
 
     Each request is counted once, by the lane that settled it: ``completed + failed + cancelled``
     summed over lanes equals what callers saw, fallbacks included.
@@ -79,6 +102,7 @@ class ProviderStats:
     paused_until: float | None = None
     fallbacks_in: int = 0
     tpm_reserved: int = 0
+    learned: dict[str, LearnedLimit] = field(default_factory=dict)
 
     @property
     def finished(self) -> int:
@@ -227,6 +251,7 @@ class LaneMetrics:
         self._starts: deque[float] = deque()
         self.max_starts_1s = 0
         self.tpm_reserved = 0
+        self.learned: dict[str, LearnedLimit] = {}
         self.listeners: list[Callable[[str, str, float | None], None]] = []
 
     def after_fork(self) -> None:
@@ -242,6 +267,31 @@ class LaneMetrics:
                 listener(self.name, outcome, latency_ms)
             except Exception:
                 log.exception("metrics listener %r failed on %s", listener, self.name)
+
+    def on_learned(self, limit: str, value: float, source: str, reason: str = "") -> None:
+        """Record a learned limit; one INFO log line when its value or source changes.
+
+        Args:
+            limit: "qps", "rpm", "tpm" or "max_parallel".
+            value: the new value.
+            source: see ``LearnedLimit.source``.
+            reason: a few words for the log line ("429, x0.7", "x-ratelimit-limit-requests 2220").
+        """
+        with self._lock:
+            old = self.learned.get(limit)
+            if old is not None and old.value == value and old.source == source:
+                return
+            first = old is None
+            changes = 0 if first else old.changes + 1
+            self.learned[limit] = LearnedLimit(value, source, None if first else time.time(), changes)
+            if limit == "qps":
+                self.qps = value
+            elif limit == "max_parallel":
+                self.max_parallel = int(value)
+        log.info("llm_executor: %s %s %s %g (%s%s)", self.name, limit, "starts at" if first else "->", value,
+                 source, f": {reason}" if reason else "",
+                 extra={"provider": self.name, "limit": limit, "value": value, "source": source,
+                        "previous": None if old is None else old.value})
 
     def on_tpm_reserved(self, tokens: int) -> None:
         """TPM tokens reserved (> 0) or given back / settled (< 0) by an attempt."""
@@ -344,6 +394,7 @@ class LaneMetrics:
                 paused_until=paused_until,
                 fallbacks_in=fallbacks_in,
                 tpm_reserved=self.tpm_reserved,
+                learned=dict(self.learned),
             )
 
 
@@ -414,13 +465,17 @@ class _GaugeCollector:
         attempts = CounterMetricFamily(f"{p}_attempts", "Provider calls made", labels=["provider"])
         retries = CounterMetricFamily(f"{p}_retries", "Attempts beyond the first", labels=["provider"])
         tokens = CounterMetricFamily(f"{p}_tokens", "Reported tokens of every attempt", labels=["provider"])
+        learned = GaugeMetricFamily(f"{p}_learned_limit", "A limit configured auto, as learned",
+                                    labels=["provider", "limit", "source"])
         for name, s in self._stats().items():
+            for limit, value in s.learned.items():
+                learned.add_metric([name, limit, value.source], value.value)
             queued.add_metric([name], s.queued)
             in_flight.add_metric([name], s.in_flight)
             attempts.add_metric([name], s.attempts)
             retries.add_metric([name], s.retries)
             tokens.add_metric([name], s.tokens)
-        yield from (queued, in_flight, attempts, retries, tokens)
+        yield from (queued, in_flight, attempts, retries, tokens, learned)
 
     def describe(self) -> list[Any]:
         return []

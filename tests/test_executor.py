@@ -704,3 +704,24 @@ def test_prometheus_export_can_be_enabled_again_after_shutdown(fake: FakeProvide
             text = prom.generate_latest(registry).decode()
             assert 'llm_executor_requests_total{outcome="ok",provider="fake"} 1.0' in text
             assert "llm_executor_attempts_total" in text
+
+
+def test_a_learned_limit_shows_in_stats_logs_once_per_change_and_exports(
+        fake: FakeProvider, caplog: pytest.LogCaptureFixture) -> None:
+    prom = pytest.importorskip("prometheus_client")
+    registry = prom.CollectorRegistry()
+    with Executor(one(), {"fake": fake}) as ex:
+        ex.enable_prometheus(registry=registry)
+        metrics = ex._lanes["fake"].metrics
+        with caplog.at_level(logging.INFO, logger="llm_executor"):
+            metrics.on_learned("qps", 2.0, "configured")
+            metrics.on_learned("qps", 2.0, "configured")  # no change: no line
+            metrics.on_learned("qps", 30.0, "headers", "x-ratelimit-limit-requests 2220")
+        lines = [r.getMessage() for r in caplog.records if "qps" in r.getMessage()]
+        assert lines == ["llm_executor: fake qps starts at 2 (configured)",
+                         "llm_executor: fake qps -> 30 (headers: x-ratelimit-limit-requests 2220)"]
+        learned = ex.stats()["fake"].learned["qps"]
+        assert (learned.value, learned.source, learned.changes) == (30.0, "headers", 1)
+        assert learned.changed_at is not None and ex.stats()["fake"].qps == 30.0
+        text = prom.generate_latest(registry).decode()
+    assert 'llm_executor_learned_limit{limit="qps",provider="fake",source="headers"} 30.0' in text
