@@ -282,7 +282,7 @@ class LaneMetrics:
             if old is not None and old.value == value and old.source == source:
                 return
             first = old is None
-            changes = 0 if first else old.changes + 1
+            changes = 0 if old is None else old.changes + 1
             self.learned[limit] = LearnedLimit(value, source, None if first else time.time(), changes)
             if limit == "qps":
                 self.qps = value
