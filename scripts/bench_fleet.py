@@ -53,10 +53,10 @@ PROVIDER_LIMITS = (
 )
 
 
-def _child(url: str, namespace: str, base_url: str, qps: float, cap: int, threads: int,
+def _child(url: str, namespace: str, base_url: str, qps: float, cap: int, threads: int, margin_ms: int,
            ready: Any, go: Any, until: Any, out: Any) -> None:
     pcfg = ProviderConfig(qps=qps, max_parallel=threads, global_max_parallel=cap, api_key="bench", base_url=base_url,
-                          max_retries=0)
+                          max_retries=0, window_margin_ms=margin_ms)
     # Count the store calls of every limiter this process builds, whatever the executor calls.
     made: list[LaneLimiter] = []
     original_init = LaneLimiter.__init__
@@ -83,18 +83,28 @@ def _child(url: str, namespace: str, base_url: str, qps: float, cap: int, thread
     out.put((ok, sum(limiter.store_round_trips for limiter in made) - trips))
 
 
+def _max_per_window(times: list[float], span_s: float = 1.0) -> int:
+    """The most of ``times`` (sorted) in any window of ``span_s`` seconds."""
+    best, first = 0, 0
+    for i, t in enumerate(times):
+        while times[first] <= t - span_s:
+            first += 1
+        best = max(best, i - first + 1)
+    return best
+
+
 def _reset(clients: list[Any]) -> None:
     for client in clients:
         client.config_resetstat()
 
 
 def fleet_run(url: str, clients: list[Any], processes: int, threads: int, qps: int, cap: int, seconds: float,
-              latency_s: float) -> dict[str, float]:
+              latency_s: float, margin_ms: int = 20) -> dict[str, float]:
     ctx = multiprocessing.get_context("spawn")
     namespace = f"fleet-{uuid.uuid4().hex[:8]}"
     with Emulator(providers={"openai": ProviderSim(latency_s=latency_s)}) as emu:
         ready, out, go, until = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
-        procs = [ctx.Process(target=_child, args=(url, namespace, emu.url("openai"), qps, cap, threads,
+        procs = [ctx.Process(target=_child, args=(url, namespace, emu.url("openai"), qps, cap, threads, margin_ms,
                                                   ready, go, until, out)) for _ in range(processes)]
         for p in procs:
             p.start()
@@ -111,10 +121,15 @@ def fleet_run(url: str, clients: list[Any], processes: int, threads: int, qps: i
         for p in procs:
             p.join(60)
         stats = emu.stats("openai")
+        posts = sorted(r.monotonic for r in emu.requests("openai") if r.method == "POST")
         arrivals = [r.monotonic for r in emu.requests("openai") if r.method == "POST" and r.status == 200]
     steady = [t for t in arrivals if start + 1.0 <= t < start + seconds]
     return {
         "max_per_1s": stats.max_requests_per_1s,
+        # Windows that begin 1 s after the go: every process has started its lane by then. In the
+        # first second 16 processes wake at once on the machine's cores and the first requests
+        # reach the provider ~100 ms after their starts (scheduling), more than the margin.
+        "max_per_1s_after_1s": _max_per_window([t for t in posts if t >= start + 1.0]),
         "max_in_flight": stats.max_concurrency,
         "utilisation": len(steady) / (qps * (seconds - 1.0)),
         "round_trips_per_request": trips / max(1, answered),
@@ -166,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency", type=float, help="emulator latency per request, s (0.5; --quick 0.2)")
     parser.add_argument("--runs", type=int)
     parser.add_argument("--n", type=int, default=2000, help="starts per cost run")
+    parser.add_argument("--margin-ms", type=int, default=20,
+                        help="WINDOW_MARGIN_MS of the fleet's lanes (default 20, the library's default)")
     parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args(argv)
     processes = args.processes or (4 if args.quick else 16)
@@ -178,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {"config": {"processes": processes, "threads": args.threads, "qps": args.qps,
                                           "cap": args.cap, "seconds": seconds, "runs": runs,
-                                          "latency_s": latency_s}}
+                                          "latency_s": latency_s, "margin_ms": args.margin_ms}}
     with tempfile.TemporaryDirectory() as tmp:
         single = RedisServer(Path(tmp) / "single").start()
         cluster = RedisClusterNodes(Path(tmp) / "cluster").start()
@@ -188,11 +205,13 @@ def main(argv: list[str] | None = None) -> int:
                 "cluster": (cluster.url, [redis.Redis(port=node.port) for node in cluster.nodes]),
             }
             for name, (url, clients) in stores.items():
-                fleets = [fleet_run(url, clients, processes, args.threads, args.qps, args.cap, seconds, latency_s)
+                fleets = [fleet_run(url, clients, processes, args.threads, args.qps, args.cap, seconds, latency_s,
+                                    args.margin_ms)
                           for _ in range(runs)]
                 fleet = {k: statistics.median(f[k] for f in fleets) for k in fleets[0]}
                 fleet["worst_max_per_1s"] = max(f["max_per_1s"] for f in fleets)
                 fleet["worst_max_in_flight"] = max(f["max_in_flight"] for f in fleets)
+                fleet["worst_max_per_1s_after_1s"] = max(f["max_per_1s_after_1s"] for f in fleets)
                 cost = start_cost(url, clients, n)
                 # One core runs one master: requests/s it carries = 1e6 / (server us per request),
                 # counting the release as dear as the script (it is far cheaper: conservative).
@@ -213,11 +232,14 @@ def main(argv: list[str] | None = None) -> int:
 def _print(results: dict[str, Any]) -> None:
     c = results["config"]
     print(f"fleet: {c['processes']} processes x {c['threads']} threads, QPS {c['qps']}, GLOBAL_MAX_PARALLEL "
-          f"{c['cap']}, {c['seconds']:g} s, emulator latency {c['latency_s']:g} s, median of {c['runs']}")
-    print(f"{'store':8} {'max/1s':>7} {'in flight':>9} {'util':>6} {'RT/req':>7} {'non-200':>8}")
+          f"{c['cap']}, {c['seconds']:g} s, emulator latency {c['latency_s']:g} s, median of {c['runs']}, "
+          f"window margin {c.get('margin_ms', 20)} ms")
+    print("(max/1s and in flight: the worst run; max/1s later: windows starting 1 s after the go)")
+    print(f"{'store':8} {'max/1s':>7} {'max/1s later':>13} {'in flight':>9} {'util':>6} {'RT/req':>7} {'non-200':>8}")
     for store in ("redis", "cluster"):
         f = results[store]["fleet"]
-        print(f"{store:8} {f['worst_max_per_1s']:>7.0f} {f['worst_max_in_flight']:>9.0f} {f['utilisation']:>6.1%} "
+        print(f"{store:8} {f['worst_max_per_1s']:>7.0f} {f['worst_max_per_1s_after_1s']:>13.0f} "
+              f"{f['worst_max_in_flight']:>9.0f} {f['utilisation']:>6.1%} "
               f"{f['round_trips_per_request']:>7.2f} {f['non_200']:>8.0f}")
     print("cost of one start (one thread, limits never hit, median of 3):")
     print(f"{'store':8} {'admit us':>9} {'RT':>5} {'separate us':>12} {'RT':>5} {'server us/script':>15} "
