@@ -17,7 +17,7 @@ LLM calls (seconds long, few per second):
 Per window, with ``ratio = window median / baseline``:
 
 * ``ratio <= TOLERANCE`` (latency flat): grow. In slow start (until the first rise or drop)
-  ``limit *= 1.5``; after it ``limit += 1``. No growth while the window never had more than
+  ``limit *= 2``; after it ``limit += 1``. No growth while the window never had more than
   half the limit in flight (the caller, not the provider, limits throughput then).
 * ``ratio > TOLERANCE``: ``limit = limit * max(0.5, TOLERANCE / ratio)``. At a provider of
   capacity C whose latency grows as n / C past C, that is ``TOLERANCE * C``: the limit moves
@@ -48,16 +48,17 @@ __all__ = [
 
 # The default upper bound of a learned MAX_PARALLEL (LLM_EXECUTOR_<NAME>_MAX_PARALLEL_CEILING).
 DEFAULT_CEILING = 32
-# Where a learned MAX_PARALLEL starts: safe for an Ollama serving one call at a time, and slow
-# start reaches a capacity of 8 in four windows.
-INITIAL_LIMIT = 2
+# Where a learned MAX_PARALLEL starts: one call at a time is safe for any server, and its first
+# window measures the true unloaded latency (a start above a capacity of 1 would take the loaded
+# latency as its baseline and never see the knee). Slow start reaches 8 in three windows.
+INITIAL_LIMIT = 1
 # A window median up to this much above the baseline counts as flat: absorbs jitter, and sets
 # how far past the knee the limit may stand (TOLERANCE * capacity).
 TOLERANCE = 1.1
 # The multiplicative decrease on a drop (429, 503, timeout, connection error).
 DROP_FACTOR = 0.7
-# Slow start's growth per flat window.
-SLOW_START_FACTOR = 1.5
+# Slow start's growth per flat window (doubling, as TCP's): at most one window at twice a capacity.
+SLOW_START_FACTOR = 2.0
 # The fewest samples a window needs (a median of fewer is noise).
 MIN_WINDOW_SAMPLES = 5
 # The largest decrease per window from latency alone (Gradient2's floor of the gradient).
