@@ -4,6 +4,8 @@
     PYTHONPATH=. python scripts/bench_concurrency.py                # full run for docs/benchmarks.md
     PYTHONPATH=. python scripts/bench_concurrency.py --quick        # smoke run (< 30 s)
     PYTHONPATH=. python scripts/bench_concurrency.py --plot docs/benchmarks-concurrency.png
+    python scripts/bench_concurrency.py --replot bench-results/bench_concurrency.json \
+        --plot docs/benchmarks-concurrency.png   # only the plot, from a saved run (any Python with matplotlib)
 
 The emulator's "ollama" serves ``capacity`` (6) calls at full speed; past that each call
 progresses at capacity/n (latency grows linearly with concurrency, throughput stays flat). The
@@ -27,16 +29,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import statistics
 import sys
 import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from llm_executor import Executor, ExecutorConfig, LLMRequest, LLMResponse, ProviderConfig
-from llm_executor.testing import Emulator, ProviderSim
+if TYPE_CHECKING:
+    from llm_executor import LLMResponse
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPACITY = 6
@@ -61,6 +64,9 @@ def run_once(max_parallel: int | str, seconds: float, latency_s: float, *,
     Returns:
         {"throughput", "p50_s", "finished", "timeline": [(t, limit, in_flight)], "done_at": [t...]}.
     """
+    from llm_executor import Executor, ExecutorConfig, LLMRequest, ProviderConfig
+    from llm_executor.testing import Emulator, ProviderSim
+
     n = int(CAPACITY / latency_s * seconds * 1.5) + 64  # more than can finish: always a backlog
     with Emulator({"ollama": ProviderSim(latency_s=latency_s, capacity=CAPACITY)}) as emu:
         cfg = ExecutorConfig(providers={"ollama": ProviderConfig(
@@ -128,7 +134,7 @@ def plot(auto: dict[str, Any], drop: dict[str, Any] | None, best_rps: float, pat
         ax.axhline(CAPACITY, color="tab:green", ls=":", lw=1, label=f"capacity {CAPACITY}")
         ax.set_ylabel("calls in flight")
         ax2 = ax.twinx()
-        end = run["seconds"]
+        end = run.get("seconds") or math.ceil(ts[-1])
         bins = [i * 0.5 for i in range(int(end / 0.5) + 1)]
         rate = [sum(1 for d in run["done_at"] if b <= d < b + 0.5) / 0.5 for b in bins]
         ax2.plot([b + 0.25 for b in bins], rate, color="tab:orange", lw=1.2, label="finished per s")
@@ -137,8 +143,8 @@ def plot(auto: dict[str, Any], drop: dict[str, Any] | None, best_rps: float, pat
         if drop_at is not None:
             ax.axvline(drop_at, color="k", lw=0.8)
             ax.axhline(CAPACITY // 2, color="tab:green", ls="--", lw=0.8)
-        ax.set_title(f"MAX_PARALLEL=auto, Ollama-like emulator, {label}, unloaded latency "
-                     f"{run['latency_s']:g}s", fontsize=9)
+        ax.set_title(f"MAX_PARALLEL=auto, Ollama-like emulator, {label}, service time "
+                     f"{run.get('latency_s', 0.2):g}s", fontsize=9)
         handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
         labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
         ax.legend(handles, labels, loc="lower right", fontsize=7, ncol=2)
@@ -158,7 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--auto-seconds", type=float, default=None, help="the auto run's window (20; 8 quick)")
     parser.add_argument("--json", default="bench-results/bench_concurrency.json", metavar="PATH")
     parser.add_argument("--plot", metavar="PATH", help="save the limit/throughput plot here (needs matplotlib)")
+    parser.add_argument("--replot", metavar="JSON", help="no run: plot a saved --json file into --plot")
     args = parser.parse_args(argv)
+    if args.replot:
+        if not args.plot:
+            parser.error("--replot needs --plot PATH")
+        saved = json.loads(Path(args.replot).read_text())
+        best = max(median([r["throughput"] for r in rs]) for rs in saved["sweep"].values())
+        plot(dict(saved["auto"][0], latency_s=saved["latency_s"]), saved["drop"], best, Path(args.plot))
+        print(f"plot written to {args.plot}")
+        return 0
     logging.getLogger("llm_executor").setLevel(logging.WARNING)
     runs = args.runs or (1 if args.quick else 3)
     seconds = args.seconds or (2.5 if args.quick else 6.0)
