@@ -142,3 +142,17 @@ def test_bad_parameters_are_refused(kw: dict[str, float]) -> None:
 def test_the_start_is_clamped_to_the_ceiling() -> None:
     assert GradientLimit(1).value == 1
     assert GradientLimit(4, initial=50).value == 4
+
+
+def test_only_a_change_of_the_integer_value_is_reported() -> None:
+    """The lane logs one INFO line per reported change: the float moves every window, the cap less often."""
+    clock = Clock()
+    limit = GradientLimit(32, clock=clock)
+    drive(limit, clock, lambda n: L, 1)  # the unloaded reference: 5 one-at-a-time calls
+    drive(limit, clock, lambda n: L, 4)
+    limit.slow_start = False
+    limit.limit = 10.9
+    clock.now += 1.0
+    reported = [limit.on_sample(1.12 * limit.baseline_s, True, 10) for _ in range(11)]  # type: ignore[operator]
+    assert 10.0 <= limit.limit < 10.9 and limit.value == 10
+    assert reported == [None] * 11
