@@ -364,8 +364,7 @@ class Runner:
             raise
         finally:
             latency_ms = (time.perf_counter() - t0) * 1000.0
-            if lane.concurrency is not None:
-                self._learn(lane, latency_ms / 1000.0, failure, metrics.in_flight)
+            in_flight = metrics.in_flight  # this attempt included
             if isinstance(response, LLMResponse):
                 metrics.on_attempt_end(response.prompt_tokens, response.completion_tokens, response.usage_tokens)
                 usage = response.usage_tokens
@@ -374,6 +373,8 @@ class Runner:
                 usage = None
             if holds is not None:
                 holds.spend(usage)
+            if lane.concurrency is not None:  # last: the books above are kept whatever happens here
+                self._learn(lane, latency_ms / 1000.0, failure, in_flight)
         if not isinstance(response, LLMResponse):
             raise ProviderError(
                 f"provider {lane.name!r} returned {type(response).__name__} from complete(), expected LLMResponse",
