@@ -69,7 +69,8 @@ ENV_VARIABLES: Mapping[str, str] = MappingProxyType({
 })
 # LLM_EXECUTOR_<NAME>_<SUFFIX>, known only for the providers in LLM_EXECUTOR_PROVIDERS.
 PROVIDER_ENV_VARIABLES: Mapping[str, str] = MappingProxyType({
-    "MAX_PARALLEL": "in-flight cap per process",
+    "MAX_PARALLEL": "in-flight cap per process, or auto (learned from latency)",
+    "MAX_PARALLEL_CEILING": "the highest MAX_PARALLEL=auto may learn",
     "QPS": "requests started per second",
     "BURST": "requests that may start at one instant under QPS",
     "RPM": "requests started per minute",
@@ -105,6 +106,8 @@ BackendFailure = Literal["fail_closed", "local"]
 MIN_QPS = 0.001  # one request per 1000 s; slower rates belong in rpm
 MAX_QPS = 1_000_000.0
 MAX_PARALLEL_LIMIT = 10_000  # threads per lane
+# MAX_PARALLEL=auto learns within [1, max_parallel_ceiling]; the pool is sized to the ceiling.
+DEFAULT_PARALLEL_CEILING = 32
 MAX_GLOBAL_PARALLEL = 1_000_000
 MAX_RPM = 60_000_000
 MAX_TPM = 10**12
@@ -167,7 +170,10 @@ class ProviderConfig:
     """Limits and endpoint of one provider lane.
 
     Attributes:
-        max_parallel: requests in flight at once from this executor (per process).
+        max_parallel: requests in flight at once from this executor (per process), or "auto":
+            learned from latency within ``[1, max_parallel_ceiling]`` (``limits.concurrency``).
+        max_parallel_ceiling: the highest limit ``max_parallel="auto"`` may learn (ignored
+            otherwise).
         qps: requests started per second (any sliding 1 s window); None = no limit.
         burst: requests that may start at the same instant under ``qps``; None = about QPS/20
             (paced); ``burst >= qps`` allows the whole second's budget at once.
@@ -198,7 +204,8 @@ class ProviderConfig:
     week, max_parallel at most 10,000; api_key must be latin-1 text without control characters.
     """
 
-    max_parallel: int = 4
+    max_parallel: int | Literal["auto"] = 4
+    max_parallel_ceiling: int = DEFAULT_PARALLEL_CEILING
     qps: float | None = None
     burst: int | None = None
     rpm: int | None = None
@@ -221,8 +228,10 @@ class ProviderConfig:
 
     def __post_init__(self) -> None:
         week = f"<= {MAX_SECONDS:g} (a week)"
-        _check(_count(self.max_parallel, 1, MAX_PARALLEL_LIMIT), "max_parallel",
-               f"an integer in [1, {MAX_PARALLEL_LIMIT}]", self.max_parallel)
+        _check(self.max_parallel == "auto" or _count(self.max_parallel, 1, MAX_PARALLEL_LIMIT), "max_parallel",
+               f"an integer in [1, {MAX_PARALLEL_LIMIT}] or 'auto'", self.max_parallel)
+        _check(_count(self.max_parallel_ceiling, 1, MAX_PARALLEL_LIMIT), "max_parallel_ceiling",
+               f"an integer in [1, {MAX_PARALLEL_LIMIT}]", self.max_parallel_ceiling)
         _check(self.qps is None or (_is_num(self.qps) and MIN_QPS <= self.qps <= MAX_QPS), "qps",
                f"a number of requests per second in [{MIN_QPS:g}, {MAX_QPS:g}] or None (slower rates: rpm)",
                self.qps)
@@ -269,6 +278,11 @@ class ProviderConfig:
                f"an integer number of bytes in [{MIN_RESPONSE_BYTES}, {MAX_RESPONSE_BYTES}]", self.max_response_bytes)
         _check(_count(self.window_margin_ms, 0, 1000), "window_margin_ms", "an integer number of ms in [0, 1000]",
                self.window_margin_ms)
+
+    @property
+    def parallel_cap(self) -> int:
+        """The most calls this lane may ever have in flight: ``max_parallel``, or the ceiling when "auto"."""
+        return self.max_parallel_ceiling if self.max_parallel == "auto" else self.max_parallel
 
     def __repr__(self) -> str:
         # base_url may carry a password or a query string (?key=...); api_key is never shown.
@@ -599,6 +613,16 @@ class _EnvReader:
             raise self._fail(var, raw, f"an integer >= {minimum}")
         return value
 
+    def int_or_auto(self, var: str, minimum: int) -> int | str | None:
+        """An integer >= ``minimum``, or "auto" (any case): a limit the lane learns."""
+        raw = self._raw(var)
+        if raw is not None and raw.lower() == "auto":
+            return "auto"
+        try:
+            return self.int_(var, minimum)
+        except ConfigError:
+            raise self._fail(var, raw or "", f"an integer >= {minimum} or auto") from None
+
     def float_(self, var: str, expected: str, *, allow_zero: bool = False) -> float | None:
         raw = self._raw(var)
         if raw is None:
@@ -651,7 +675,8 @@ class _EnvReader:
         p = f"LLM_EXECUTOR_{name.upper()}_"
         kw: dict[str, Any] = {}
         pairs: list[tuple[str, Any]] = [
-            ("max_parallel", self.int_(p + "MAX_PARALLEL", 1)),
+            ("max_parallel", self.int_or_auto(p + "MAX_PARALLEL", 1)),
+            ("max_parallel_ceiling", self.int_(p + "MAX_PARALLEL_CEILING", 1)),
             ("qps", self.float_(p + "QPS", "a positive number (requests per second)")),
             ("burst", self.int_(p + "BURST", 1)),
             ("rpm", self.int_(p + "RPM", 1)),

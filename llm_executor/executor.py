@@ -247,7 +247,7 @@ class Executor:
             if not callable(fn_or_requests):
                 raise TypeError(f"map(fn, iterable): fn must be callable, got {type(fn_or_requests).__name__}")
             items, make_request = iterable, fn_or_requests
-        window = (self.config.queue_size or 256) + sum(lane.pcfg.max_parallel for lane in self._engine.lanes.values())
+        window = (self.config.queue_size or 256) + sum(lane.pcfg.parallel_cap for lane in self._engine.lanes.values())
         # Errors of ``fn`` and ``submit`` always go onto the item's own Future, so that without
         # ``return_exceptions`` they are raised when reached, after the rows before them (as
         # ThreadPoolExecutor.map does), not when the window happens to read the bad row.

@@ -67,7 +67,7 @@ class ProviderStats:
         prompt_tokens / completion_tokens / tokens: reported usage of every attempt.
         max_in_flight: the most provider calls ever running at once.
         max_starts_1s: the most attempt starts in any sliding 1 s window.
-        max_parallel / qps: the configured limits, for comparison.
+        max_parallel / qps: the limits in force, for comparison (the learned value when ``auto``).
         paused_until: wall-clock time (epoch s) until which a 429 paused the lane, or None.
         tpm_reserved: TPM tokens reserved by attempts waiting or running now (0 when idle).
         learned: each limit configured ``auto`` ("qps", "rpm", "tpm", "max_parallel") as the lane

@@ -12,6 +12,10 @@ after every step, and again when everything has settled:
 * rate tokens taken = attempts started; TPM reserved returns to 0 when idle;
 * in flight never above MAX_PARALLEL; no worker thread after ``shutdown(wait=True)``.
 
+``TestLearnedCap`` runs the same machine with ``MAX_PARALLEL=auto`` (ceiling MAX_PARALLEL) and a
+rule that moves each lane's learned cap up or down at the next finished attempt: the same books
+must balance while the cap moves under running calls.
+
 ``LLM_EXECUTOR_STATEFUL_EXAMPLES`` sets the number of examples (default 40; the long run recorded
 in the CHANGELOG used 3000).
 """
@@ -121,6 +125,8 @@ class ScriptedLane:
 
 
 class LifecycleMachine(RuleBasedStateMachine):
+    max_parallel: int | str = MAX_PARALLEL
+
     def __init__(self) -> None:
         super().__init__()
         self.lock = threading.Lock()
@@ -134,7 +140,8 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.draining = False  # teardown: "block" answers at once
         self.providers = {name: ScriptedLane(name, self) for name in LANES}
         config = ExecutorConfig(
-            providers={name: ProviderConfig(max_parallel=MAX_PARALLEL, qps=100_000, tpm=10**9, max_retries=2,
+            providers={name: ProviderConfig(max_parallel=self.max_parallel,  # type: ignore[arg-type]
+                                            max_parallel_ceiling=MAX_PARALLEL, qps=100_000, tpm=10**9, max_retries=2,
                                             repair_attempts=1, fallback=True, model="m") for name in LANES},
             queue_size=4, fallbacks=LANES)
         self.ex = Executor(config, self.providers, sleep=lambda s: None, clock=self.clock)
@@ -306,3 +313,39 @@ LifecycleMachine.TestCase.settings = settings(
     max_examples=EXAMPLES, stateful_step_count=25, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 TestLifecycle = LifecycleMachine.TestCase
+
+
+class ChosenCap:
+    """Stands in for a lane's GradientLimit: the next finished attempt sets the cap a rule chose."""
+
+    def __init__(self) -> None:
+        self.next: int | None = None
+        self.value = 1
+        self.last_reason = "chosen by the test"
+
+    def on_sample(self, latency_s: float, ok: bool, in_flight: int) -> int | None:
+        chosen, self.next = self.next, None
+        if chosen is None or chosen == self.value:
+            return None
+        self.value = chosen
+        return chosen
+
+
+class LearnedCapMachine(LifecycleMachine):
+    max_parallel = "auto"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.caps = {name: ChosenCap() for name in LANES}
+        for name in LANES:
+            lane = self.ex._lanes[name]
+            assert lane.max_parallel == 1
+            lane.concurrency = self.caps[name]  # type: ignore[assignment]
+
+    @rule(lane=st.sampled_from(LANES), value=st.integers(min_value=1, max_value=MAX_PARALLEL))
+    def learn_cap(self, lane: str, value: int) -> None:
+        self.caps[lane].next = value
+
+
+LearnedCapMachine.TestCase.settings = LifecycleMachine.TestCase.settings
+TestLearnedCap = LearnedCapMachine.TestCase

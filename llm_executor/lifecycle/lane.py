@@ -11,6 +11,11 @@ active already. ``scheduled`` (loops handed to the pool, not yet started) only a
 too many; if Ctrl-C lands while the pool starts a thread, at worst one extra loop is scheduled,
 and it leaves at once. So MAX_PARALLEL holds whatever the pool's own bookkeeping believes.
 
+Under ``MAX_PARALLEL=auto`` the cap moves (``limits.concurrency.GradientLimit``, fed by the
+runner after every attempt): the pool is sized to the ceiling and ``max_parallel`` is the learned
+value. A lower value never cancels a call: a loop over the cap leaves after its call ends, and
+none starts past it; a higher value starts loops for requests already waiting.
+
 Idle loops linger on a SimpleQueue (cheap to wake) for new work before giving their thread back:
 a steady stream of requests then never pays a pool.submit() per request.
 Imports: ``config``, ``errors``, ``metrics``, ``limits``, ``retry``, ``providers.protocol``, ``.request``.
@@ -29,6 +34,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..config import ExecutorConfig, ProviderConfig
 from ..errors import ExecutorShutdownError, QueueFullError
+from ..limits.concurrency import GradientLimit
 from ..metrics import LaneMetrics
 from ..providers.protocol import Provider
 from ..types import Capabilities
@@ -84,13 +90,20 @@ class Lane:
         self.builtin = builtin
         self.capacity = ecfg.queue_size
         self.aging_s = ecfg.priority_aging_s
-        self.max_parallel = pcfg.max_parallel
+        # MAX_PARALLEL=auto: the learner, on the real clock (attempt latencies are wall time).
+        self.concurrency = (GradientLimit(pcfg.max_parallel_ceiling) if pcfg.max_parallel == "auto" else None)
+        # The cap in force (guarded by lock when learned): loops running at once.
+        self.max_parallel: int = (self.concurrency.value if self.concurrency is not None
+                                  else int(pcfg.max_parallel))
         self.caps: Capabilities = provider.capabilities()
         self.limiter = limiter
         # No rate, budget or global cap: an attempt skips the reservation machinery entirely.
         self.unlimited = not limiter.is_limited
         self.retry = retry
-        self.metrics = LaneMetrics(name, pcfg.max_parallel, pcfg.qps)
+        self.metrics = LaneMetrics(name, self.max_parallel, pcfg.qps)
+        if self.concurrency is not None:
+            self.metrics.on_learned("max_parallel", self.max_parallel, "configured",
+                                    f"MAX_PARALLEL=auto, ceiling {pcfg.max_parallel_ceiling}")
         self.clock = clock
         self._reset_threading()
         self.submitted = 0  # guarded by lock; requests accepted from callers
@@ -101,7 +114,8 @@ class Lane:
 
     def _reset_threading(self) -> None:
         """Fresh locks, heap, counters and pool (at start, and in a forked child)."""
-        self.pool = ThreadPoolExecutor(max_workers=self.max_parallel, thread_name_prefix=f"llm-executor-{self.name}")
+        self.pool = ThreadPoolExecutor(max_workers=self.pcfg.parallel_cap,
+                                       thread_name_prefix=f"llm-executor-{self.name}")
         self.lock = threading.Lock()
         self.not_full = threading.Condition(self.lock)
         self.heap: list[tuple[float, int, Request]] = []
@@ -286,6 +300,9 @@ class Lane:
         """The next request for an active loop; None when the loop must leave (it is uncounted)."""
         while True:
             with self.lock:
+                if self.active > self.max_parallel:
+                    self.active -= 1  # the learned cap fell: leave between calls, never during one
+                    return None
                 request = self._pop_locked()
                 if request is not None:
                     return request
@@ -306,6 +323,33 @@ class Lane:
                     continue
                 self.active -= 1
                 return None
+
+    def learn(self, latency_s: float, ok: bool, in_flight: int) -> int:
+        """Feed one finished attempt to the learned cap (``MAX_PARALLEL=auto``; else a no-op).
+
+        Args:
+            latency_s: the attempt's duration.
+            ok: False for an overload answer (429, 503, timeout, connection error).
+            in_flight: attempts in flight when it ended, itself included.
+
+        Returns:
+            How many worker loops the caller must start (``start_worker``): the cap rose while
+            requests wait. They are counted as scheduled already.
+        """
+        limit = self.concurrency
+        if limit is None:
+            return 0
+        with self.lock:
+            value = limit.on_sample(latency_s, ok, in_flight)
+            if value is None:
+                return 0
+            self.max_parallel = value
+            start = 0 if self.closed else max(0, min(self.pending - self.idle,
+                                                     value - self.active - self.scheduled))
+            self.scheduled += start
+        # One INFO line per change of the integer cap (the float moves every window).
+        self.metrics.on_learned("max_parallel", value, "gradient", limit.last_reason)
+        return start
 
     def unschedule(self) -> None:
         """A loop handed to the pool did not start (the pool refused it, or Ctrl-C hit)."""
@@ -374,9 +418,9 @@ class Lane:
         """Until the next queue slot frees (the next start), for QueueFullError.retry_after_s.
 
         A slot frees when a worker takes the next request: with every worker busy, about one
-        call time divided by MAX_PARALLEL; under a QPS, at least 1/QPS. Before the first
-        response the call time is assumed (0.5 s) — not the whole queue's drain time, which swung
-        the estimate 80× (issue 14).
+        call time divided by MAX_PARALLEL (the learned value under "auto"); under a QPS, at least
+        1/QPS. Before the first response the call time is assumed (0.5 s) — not the whole queue's
+        drain time, which swung the estimate 80× (issue 14).
         """
         by_workers = self._call_s() / self.max_parallel
         by_rate = 1.0 / self.pcfg.qps if self.pcfg.qps else 0.0

@@ -34,6 +34,7 @@ from ..errors import (
     DeadlineExceededError,
     ExecutorShutdownError,
     ProviderError,
+    ProviderUnavailableError,
     RateLimitedError,
     SchemaValidationError,
 )
@@ -355,10 +356,15 @@ class Runner:
         metrics.on_attempt_start(not first, request.queue_ms if first else None)
         t0 = time.perf_counter()
         response: Any = None
+        failure: BaseException | None = None
         try:
             response = lane.provider.complete(call_request)
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
             latency_ms = (time.perf_counter() - t0) * 1000.0
+            in_flight = metrics.in_flight  # this attempt included
             if isinstance(response, LLMResponse):
                 metrics.on_attempt_end(response.prompt_tokens, response.completion_tokens, response.usage_tokens)
                 usage = response.usage_tokens
@@ -367,11 +373,24 @@ class Runner:
                 usage = None
             if holds is not None:
                 holds.spend(usage)
+            if lane.concurrency is not None:  # last: the books above are kept whatever happens here
+                self._learn(lane, latency_ms / 1000.0, failure, in_flight)
         if not isinstance(response, LLMResponse):
             raise ProviderError(
                 f"provider {lane.name!r} returned {type(response).__name__} from complete(), expected LLMResponse",
                 provider=lane.name, request_id=request.request_id, retryable=False)
         return response, latency_ms
+
+    def _learn(self, lane: Lane, latency_s: float, failure: BaseException | None, in_flight: int) -> None:
+        """MAX_PARALLEL=auto: one sample per attempt; start the loops a higher cap allows."""
+        if failure is None:
+            ok = True
+        elif _is_overload(failure):
+            ok = False
+        else:
+            return  # a bad request or a refused key says nothing about the provider's load
+        for _ in range(lane.learn(latency_s, ok, in_flight)):
+            self._start_worker(lane)
 
     @staticmethod
     def _deadline_error(request: Request, lane: Lane, when: str) -> DeadlineExceededError:
@@ -424,3 +443,10 @@ class Runner:
             capped = RateLimitedError(message, **kwargs)
         capped.__cause__ = exc
         return capped
+
+
+def _is_overload(exc: BaseException) -> bool:
+    """A failure that says the provider is over its capacity: 429, 503, timeouts, lost connections."""
+    if isinstance(exc, RateLimitedError | ProviderUnavailableError | TimeoutError):
+        return True
+    return isinstance(exc, ProviderError) and exc.status in (429, 503)

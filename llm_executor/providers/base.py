@@ -351,16 +351,16 @@ def request_schema(request: LLMRequest) -> dict[str, Any] | None:
 
 
 def build_session(config: ProviderConfig) -> requests.Session:
-    """A Session whose pool holds ``config.max_parallel`` connections and never retries.
+    """A Session whose pool holds ``config.parallel_cap`` connections and never retries.
 
     urllib3 discards connections past ``pool_maxsize`` ("Connection pool is full"), so the pool
-    is sized to the lane's in-flight cap. ``max_retries=0``: retries belong to the executor,
-    which honours Retry-After and takes a fresh rate token per attempt. Its connections obey
-    the attempt's total time bound (``transport.GuardedHTTPAdapter``).
+    is sized to the lane's in-flight cap (the ceiling under ``max_parallel="auto"``).
+    ``max_retries=0``: retries belong to the executor, which honours Retry-After and takes a fresh
+    rate token per attempt. Its connections obey the attempt's total time bound (``transport.GuardedHTTPAdapter``).
     """
     session = requests.Session()
     # One adapter talks to one host, so a couple of per-host pools is plenty.
-    adapter = GuardedHTTPAdapter(pool_connections=2, pool_maxsize=config.max_parallel, max_retries=0)
+    adapter = GuardedHTTPAdapter(pool_connections=2, pool_maxsize=config.parallel_cap, max_retries=0)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     return session
