@@ -84,7 +84,7 @@ def drive(name: str, base_url: str, backend: str, namespace: str, start_at: floa
             while time.monotonic() < stop:
                 try:
                     ex.submit(request)
-                except Exception:  # noqa: BLE001 - a full queue under "block" only waits; anything else ends the feed
+                except Exception:  # a full queue under "block" only waits; anything else ends the feed
                     return
 
         feeder = threading.Thread(target=feed, daemon=True)
@@ -134,7 +134,7 @@ def _clean_redis(namespace: str) -> None:
         client = redis.Redis.from_url(REDIS_URL)
         for key in client.scan_iter(match="{" + namespace + ":*"):
             client.delete(key)
-    except Exception:  # noqa: BLE001 - cleanup only
+    except Exception:  # cleanup only
         pass
 
 
@@ -192,10 +192,8 @@ class Results:
 
 def bench(name: str, res: Results, quick: bool, runs: int) -> None:
     sc = scenario(name)
-    if quick:
-        duration_s = 6.0 if name.endswith("headers") else 14.0
-    else:
-        duration_s = 15.0 if name.endswith("headers") else 60.0
+    durations = {True: (6.0, 14.0), False: (15.0, 60.0)}[quick]  # (headers, probe)
+    duration_s = durations[0] if name.endswith("headers") else durations[1]
     data = []
     for i in range(runs):
         d = run_once(name, duration_s)
