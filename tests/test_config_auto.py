@@ -3,6 +3,8 @@ with the field or variable named when neither a number nor "auto"."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import responses
 
@@ -72,3 +74,18 @@ def test_openai_replies_and_429s_carry_the_reported_limits() -> None:
     with pytest.raises(RateLimitedError) as info:
         adapter.complete(request)
     assert info.value.rate_limit.remaining_requests == 0 and info.value.rate_limit.limit_tokens == 30000
+
+
+def test_llm_executor_config_shows_auto(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                        tmp_path: Path) -> None:
+    import json
+
+    from llm_executor.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no .env of the working directory
+    monkeypatch.setenv("LLM_EXECUTOR_PROVIDERS", "openai")
+    monkeypatch.setenv("LLM_EXECUTOR_OPENAI_QPS", "auto")
+    monkeypatch.setenv("LLM_EXECUTOR_OPENAI_TPM", "AUTO")
+    assert main(["config", "--json"]) == 0
+    openai = json.loads(capsys.readouterr().out)["providers"]["openai"]
+    assert openai["qps"] == "auto" and openai["tpm"] == "auto"
