@@ -327,6 +327,7 @@ class Engine:
             dropped += lane.discard_after_fork()
             lane.limiter = make_lane_limiter(name, lane.pcfg, self.config)
             if lane.learner is not None:
+                lane.limiter.reserve_horizon_s = RESERVE_HORIZON_S
                 lane.learner.after_fork(lane.limiter)
             from ..retry import RetryPolicy
 

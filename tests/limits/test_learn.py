@@ -3,6 +3,7 @@ and the lane's limits through the public Executor against the emulator's hidden 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
@@ -351,3 +352,44 @@ def test_two_executors_on_one_redis_pace_against_one_learned_value(namespace: st
         from .conftest import delete_namespace
 
         delete_namespace(client, namespace)
+
+
+_FORKED: Executor | None = None
+
+
+def _forked_child(conn: Any) -> None:
+    try:
+        assert _FORKED is not None
+        from llm_executor.types import LLMResponse as Response
+
+        response = _FORKED.run(LLMRequest("fake", "m", "from the child"), timeout=10)
+        lane = _FORKED._engine.lanes["fake"]
+        conn.send((isinstance(response, Response), lane.pcfg.qps, lane.limiter.reserve_horizon_s))
+    except BaseException as exc:  # reported to the parent
+        conn.send(("error", repr(exc), None))
+    finally:
+        conn.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_forked_child_keeps_what_the_parent_learned() -> None:
+    import multiprocessing
+
+    from llm_executor.testing import ScriptedProvider
+
+    global _FORKED
+    provider = ScriptedProvider(replies=["ok"] * 4)
+    with Executor(ExecutorConfig(providers={"fake": ProviderConfig(qps="auto")}), providers={"fake": provider}) as ex:
+        lane = ex._engine.lanes["fake"]
+        assert lane.learner is not None
+        lane.learner.on_reply(RateLimitInfo(limit_requests=600), lane.learner.version)
+        _FORKED = ex
+        ctx = multiprocessing.get_context("fork")
+        parent_conn, child_conn = ctx.Pipe()
+        process = ctx.Process(target=_forked_child, args=(child_conn,))
+        process.start()
+        assert parent_conn.poll(20), "the forked child's request never finished"
+        result = parent_conn.recv()
+        process.join(10)
+    _FORKED = None
+    assert result == (True, pytest.approx(588 / 60), 0.25), result
