@@ -98,7 +98,12 @@ def drive(name: str, base_url: str, backend: str, namespace: str, start_at: floa
 
 def _child(name: str, base_url: str, backend: str, namespace: str, start_at: float, duration_s: float,
            out: Any) -> None:
+    import faulthandler
+
+    # A child that hangs says where (all threads' stacks on stderr) and ends, rather than stall the run.
+    faulthandler.dump_traceback_later(start_at - time.time() + duration_s + 30, exit=True)
     out.put(drive(name, base_url, backend, namespace, start_at, duration_s))
+    faulthandler.cancel_dump_traceback_later()
 
 
 def run_once(name: str, duration_s: float) -> dict[str, Any]:
