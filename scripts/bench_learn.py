@@ -2,7 +2,7 @@
 """Learned limits (issue 12, rate half): QPS/RPM/TPM=auto against the emulator's hidden limits.
 
     PYTHONPATH=. python scripts/bench_learn.py                 # full run for docs/benchmarks.md (~8 min)
-    PYTHONPATH=. python scripts/bench_learn.py --quick         # smoke run (< 40 s)
+    PYTHONPATH=. python scripts/bench_learn.py --quick         # smoke run (< 40 s; 5 s / 12 s runs, no shared-headers)
     PYTHONPATH=. python scripts/bench_learn.py --only headers,probe --runs 1
     PYTHONPATH=.:/path/to/matplotlib python scripts/bench_learn.py --plot docs/benchmarks-learn.png
 
@@ -197,7 +197,7 @@ class Results:
 
 def bench(name: str, res: Results, quick: bool, runs: int) -> None:
     sc = scenario(name)
-    durations = {True: (6.0, 14.0), False: (15.0, 60.0)}[quick]  # (headers, probe)
+    durations = {True: (5.0, 12.0), False: (15.0, 60.0)}[quick]  # (headers, probe)
     duration_s = durations[0] if name.endswith("headers") else durations[1]
     data = []
     for i in range(runs):
@@ -269,7 +269,8 @@ def parse_only(text: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short runs, one each (< 40 s)")
-    parser.add_argument("--only", type=parse_only, default=list(ALL), metavar="NAME,...")
+    parser.add_argument("--only", type=parse_only, default=None, metavar="NAME,...",
+                        help=f"run only these ({','.join(ALL)}; --quick: all but shared-headers)")
     parser.add_argument("--runs", type=int, default=None, help="runs per figure (default 3, --quick 1)")
     parser.add_argument("--json", default="bench-results/bench_learn.json", metavar="PATH")
     parser.add_argument("--plot", metavar="PATH", help="save the rate-over-time plot (needs matplotlib) here")
@@ -279,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--runs must be >= 1")
     res = Results()
     t_start = time.perf_counter()
-    for name in args.only:
+    only = args.only or ([n for n in ALL if n != "shared-headers"] if args.quick else list(ALL))
+    for name in only:
         print(f"[{name}]", flush=True)
         t0 = time.perf_counter()
         bench(name, res, args.quick, runs)
