@@ -14,7 +14,8 @@ one request pace (requests per second) and feeds the lane's limiter a concrete P
   ``INTERVAL_S`` while starts wait for their token (the pace, not the demand, is the bottleneck)
   and no 429 arrives. The first 429 halves it and remembers the pace that overran as the
   ceiling. Then AIMD: every interval the pace closes half the gap to 95 % of the ceiling (at
-  least +2 %), past that it creeps up 1 % per interval; a 429 multiplies it by ``BETA`` (0.85)
+  least +2 %), past that it creeps up 1 % per interval; a 429 multiplies it by ``BETA`` (0.85),
+  or by ``BETA_AGAIN`` (0.7) when the last change was a decrease too (the limit itself dropped),
   and lowers the ceiling to the pace that overran. The lane's Retry-After pause still applies.
   With headers seen, a 429 still decreases the pace (a hidden short window), and increases stop
   at the header's pace.
@@ -46,6 +47,7 @@ from ._backend import LearnedRecord
 
 __all__ = [
     "BETA",
+    "BETA_AGAIN",
     "DECREASE_HOLD_S",
     "HEADER_MARGIN",
     "INTERVAL_S",
@@ -65,6 +67,7 @@ HEADER_MARGIN = 0.02  # reported limits are adopted less 2 %: requests in flight
 INTERVAL_S = 1.0  # at most one increase per interval (across processes with a shared store)
 REFRESH_S = 1.0  # a process re-reads the shared record at most this long after its last read
 BETA = 0.85  # multiplicative decrease on a 429 after slow start
+BETA_AGAIN = 0.7  # ... when the last change was a decrease too: the limit dropped, follow it faster
 # After a decrease, 429s are the same episode for this long: the provider's 1 s window still
 # holds the starts made at the old pace, so requests sent at the new pace may be refused too.
 DECREASE_HOLD_S = 1.0
@@ -107,6 +110,8 @@ class LearnedState:
         tokens_unreported: a reply came without a token limit: no local TPM (the probe backs off
             on every 429, token ones included).
         source: where ``rate_s`` came from: "configured", "headers" or "probe".
+        decreases_in_row: decreases since the last increase (a second one in a row uses
+            ``BETA_AGAIN``: the limit itself dropped).
     """
 
     rate_s: float = SAFE_QPS
@@ -116,6 +121,7 @@ class LearnedState:
     header_tpm: int | None = None
     tokens_unreported: bool = False
     source: str = "configured"
+    decreases_in_row: int = 0
 
     def dumps(self) -> str:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
@@ -275,9 +281,12 @@ class RateLearner:
                 stale = False
                 state = self._state
                 overran = state.rate_s
-                beta = SLOW_START_BETA if state.ceiling_s is None else BETA
+                if state.ceiling_s is None:
+                    beta = SLOW_START_BETA
+                else:
+                    beta = BETA if state.decreases_in_row == 0 else BETA_AGAIN
                 state = dataclasses.replace(state, rate_s=_clamp_rate(overran * beta), ceiling_s=overran,
-                                            source="probe")
+                                            source="probe", decreases_in_row=state.decreases_in_row + 1)
         if stale:
             if self._shared:
                 self._refresh(now)  # another process may have decreased it already
@@ -349,7 +358,7 @@ class RateLearner:
             if new <= rate:
                 return
             source = "headers" if state.header_rate_s is not None and new >= cap else "probe"
-            state = dataclasses.replace(state, rate_s=new, source=source)
+            state = dataclasses.replace(state, rate_s=new, source=source, decreases_in_row=0)
         if self._write(version, state, int(INTERVAL_S * 1000), f"no 429 for {INTERVAL_S:g}s, {how}"):
             with self._lock:
                 self._last_increase_s = now

@@ -15,6 +15,7 @@ from llm_executor.limits import make_lane_limiter
 from llm_executor.limits._backend import MemoryBackend
 from llm_executor.limits.learn import (
     BETA,
+    BETA_AGAIN,
     DECREASE_HOLD_S,
     HEADER_MARGIN,
     INTERVAL_S,
@@ -139,6 +140,23 @@ def test_a_429_burst_decreases_once_per_episode_then_aimd_closes_in() -> None:
     overran = applied[-2].qps
     assert applied[-1].qps == pytest.approx(overran * BETA)
     assert learner.state.ceiling_s == pytest.approx(overran)
+
+
+def test_decreases_in_a_row_follow_a_dropped_limit_faster() -> None:
+    clock = Clock()
+    learner, _, applied = make(clock)
+    for _ in range(4):
+        busy_interval(learner, clock)
+    learner.on_rate_limited(None, learner.version)  # ends slow start: 16 -> 8
+    clock.now += DECREASE_HOLD_S
+    busy_interval(learner, clock)
+    before = applied[-1].qps
+    clock.now += DECREASE_HOLD_S
+    learner.on_rate_limited(None, learner.version)  # after an increase: x BETA
+    assert applied[-1].qps == pytest.approx(before * BETA)
+    clock.now += DECREASE_HOLD_S
+    learner.on_rate_limited(None, learner.version)  # again, no increase between: x BETA_AGAIN
+    assert applied[-1].qps == pytest.approx(before * BETA * BETA_AGAIN)
 
 
 def test_a_stale_429_is_ignored() -> None:
