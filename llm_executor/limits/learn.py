@@ -371,6 +371,13 @@ class RateLearner:
             True when this write was made.
         """
         record = self._store.learned(expected, state.dumps(), min_age_ms)
+        if record is not None and not record.applied and record.version < expected:
+            # The record is older than ours: it expired (an hour unwritten) or the store was
+            # emptied. What this process knows is the best there is: write it on top.
+            record = self._store.learned(record.version, state.dumps(), min_age_ms)
+            if record is not None and record.applied:
+                with self._lock:
+                    self._version = min(self._version, record.version - 1)
         if record is None:  # the store does not answer: go on alone until it does
             with self._lock:
                 if self._version != expected:

@@ -159,6 +159,18 @@ def test_decreases_in_a_row_follow_a_dropped_limit_faster() -> None:
     assert applied[-1].qps == pytest.approx(before * BETA * BETA_AGAIN)
 
 
+def test_a_record_that_expired_in_the_store_is_written_again() -> None:
+    clock = Clock()
+    learner, _, applied = make(clock)
+    learner.on_reply(RateLimitInfo(limit_requests=600), learner.version)
+    clock.now += 2 * 3600  # an hour unwritten: the store forgets the record (LEARNED_TTL_MS)
+    learner.on_reply(RateLimitInfo(limit_requests=300), learner.version)
+    assert applied[-1].qps == pytest.approx(int(300 * (1 - HEADER_MARGIN)) / 60)
+    token = learner.version
+    learner.on_rate_limited(None, token)  # and it keeps learning on the fresh record
+    assert applied[-1].qps == pytest.approx(int(300 * (1 - HEADER_MARGIN)) / 60 * SLOW_START_BETA)
+
+
 def test_a_stale_429_is_ignored() -> None:
     clock = Clock()
     learner, _, applied = make(clock)
