@@ -281,8 +281,8 @@ class RateLearner:
                 stale = False
                 state = self._state
                 overran = state.rate_s
-                if state.ceiling_s is None:
-                    beta = SLOW_START_BETA
+                if state.ceiling_s is None and state.header_rate_s is None:
+                    beta = SLOW_START_BETA  # slow start overshot: the pace doubled since the last good one
                 else:
                     beta = BETA if state.decreases_in_row == 0 else BETA_AGAIN
                 state = dataclasses.replace(state, rate_s=_clamp_rate(overran * beta), ceiling_s=overran,

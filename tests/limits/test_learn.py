@@ -97,6 +97,19 @@ def test_headers_are_adopted_at_the_first_reply_less_the_margin() -> None:
     assert len(seen) == before
 
 
+def test_a_429_under_header_pacing_is_a_hidden_window_decreased_by_beta_not_halved() -> None:
+    clock = Clock()
+    learner, _, applied = make(clock)
+    learner.on_reply(RateLimitInfo(limit_requests=1200), learner.version)
+    paced = applied[-1].qps
+    learner.on_rate_limited(RateLimitInfo(limit_requests=1200), learner.version)
+    assert applied[-1].qps == pytest.approx(paced * BETA)
+    for _ in range(8):  # climbs back, but never past the headers' pace
+        clock.now += DECREASE_HOLD_S
+        busy_interval(learner, clock)
+    assert applied[-1].qps <= paced
+
+
 def test_a_lower_reported_limit_is_adopted_at_once() -> None:
     learner, _, applied = make(Clock())
     learner.on_reply(RateLimitInfo(limit_requests=2220), learner.version)
@@ -168,7 +181,7 @@ def test_a_record_that_expired_in_the_store_is_written_again() -> None:
     assert applied[-1].qps == pytest.approx(int(300 * (1 - HEADER_MARGIN)) / 60)
     token = learner.version
     learner.on_rate_limited(None, token)  # and it keeps learning on the fresh record
-    assert applied[-1].qps == pytest.approx(int(300 * (1 - HEADER_MARGIN)) / 60 * SLOW_START_BETA)
+    assert applied[-1].qps == pytest.approx(int(300 * (1 - HEADER_MARGIN)) / 60 * BETA)
 
 
 def test_a_stale_429_is_ignored() -> None:
