@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, TypeGuard
+from typing import Any, Final, Literal, TypeGuard, TypeVar
 from urllib.parse import parse_qsl
 
 from .errors import ConfigError, ConfigWarning
@@ -104,6 +104,9 @@ BackendFailure = Literal["fail_closed", "local"]
 # further down: qps=1e-12 overflowed the limiter's clock, waits past threading.TIMEOUT_MAX raise
 # OverflowError (issue 11 item 8). Each ConfigError quotes the bound.
 MIN_QPS = 0.001  # one request per 1000 s; slower rates belong in rpm
+# QPS / RPM / TPM set to this are learned from the provider (limits/learn.py).
+AUTO: Final = "auto"
+AUTO_RATE_FIELDS: tuple[str, ...] = ("qps", "rpm", "tpm")
 MAX_QPS = 1_000_000.0
 MAX_PARALLEL_LIMIT = 10_000  # threads per lane
 # MAX_PARALLEL=auto learns within [1, max_parallel_ceiling]; the pool is sized to the ceiling.
@@ -116,6 +119,15 @@ MAX_QUEUE_SIZE = 100_000_000
 MIN_RESPONSE_BYTES = 1024
 MAX_RESPONSE_BYTES = 1 << 30
 DEFAULT_MAX_RESPONSE_BYTES = 32 << 20
+
+
+_N = TypeVar("_N", int, float)
+
+
+def known(value: _N | str | None) -> _N | None:
+    """A limit's number; None when it is unset or "auto" (the lane feeds its limiter the learned
+    number through a concrete ProviderConfig, see ``limits.learn``)."""
+    return None if value is None or isinstance(value, str) else value
 
 
 def _check(cond: bool, what: str, expected: str, value: object) -> None:
@@ -174,7 +186,8 @@ class ProviderConfig:
             learned from latency within ``[1, max_parallel_ceiling]`` (``limits.concurrency``).
         max_parallel_ceiling: the highest limit ``max_parallel="auto"`` may learn (ignored
             otherwise).
-        qps: requests started per second (any sliding 1 s window); None = no limit.
+        qps: requests started per second (any sliding 1 s window); None = no limit; "auto" =
+            learned from the provider (rpm and tpm too; see ``limits.learn``).
         burst: requests that may start at the same instant under ``qps``; None = about QPS/20
             (paced); ``burst >= qps`` allows the whole second's budget at once.
         rpm: requests started per minute; None = no limit.
@@ -206,10 +219,10 @@ class ProviderConfig:
 
     max_parallel: int | Literal["auto"] = 4
     max_parallel_ceiling: int = DEFAULT_PARALLEL_CEILING
-    qps: float | None = None
+    qps: float | Literal["auto"] | None = None
     burst: int | None = None
-    rpm: int | None = None
-    tpm: int | None = None
+    rpm: int | Literal["auto"] | None = None
+    tpm: int | Literal["auto"] | None = None
     timeout: float = 60.0
     connect_timeout: float = 10.0
     max_retries: int = 3
@@ -232,15 +245,15 @@ class ProviderConfig:
                f"an integer in [1, {MAX_PARALLEL_LIMIT}] or 'auto'", self.max_parallel)
         _check(_count(self.max_parallel_ceiling, 1, MAX_PARALLEL_LIMIT), "max_parallel_ceiling",
                f"an integer in [1, {MAX_PARALLEL_LIMIT}]", self.max_parallel_ceiling)
-        _check(self.qps is None or (_is_num(self.qps) and MIN_QPS <= self.qps <= MAX_QPS), "qps",
-               f"a number of requests per second in [{MIN_QPS:g}, {MAX_QPS:g}] or None (slower rates: rpm)",
-               self.qps)
+        _check(self.qps is None or self.qps == AUTO or (_is_num(self.qps) and MIN_QPS <= self.qps <= MAX_QPS),
+               "qps", f"a number of requests per second in [{MIN_QPS:g}, {MAX_QPS:g}], \"auto\" or None "
+               "(slower rates: rpm)", self.qps)
         _check(self.burst is None or _count(self.burst, 1, int(MAX_QPS)), "burst",
                f"an integer in [1, {int(MAX_QPS)}] or None", self.burst)
-        _check(self.rpm is None or _count(self.rpm, 1, MAX_RPM), "rpm", f"an integer in [1, {MAX_RPM}] or None",
-               self.rpm)
-        _check(self.tpm is None or _count(self.tpm, 1, MAX_TPM), "tpm", f"an integer in [1, {MAX_TPM}] or None",
-               self.tpm)
+        _check(self.rpm is None or self.rpm == AUTO or _count(self.rpm, 1, MAX_RPM), "rpm",
+               f"an integer in [1, {MAX_RPM}], \"auto\" or None", self.rpm)
+        _check(self.tpm is None or self.tpm == AUTO or _count(self.tpm, 1, MAX_TPM), "tpm",
+               f"an integer in [1, {MAX_TPM}], \"auto\" or None", self.tpm)
         _check(_seconds(self.timeout, positive=True), "timeout", f"a positive number of seconds {week}",
                self.timeout)
         _check(_seconds(self.connect_timeout, positive=True), "connect_timeout",
@@ -283,6 +296,11 @@ class ProviderConfig:
     def parallel_cap(self) -> int:
         """The most calls this lane may ever have in flight: ``max_parallel``, or the ceiling when "auto"."""
         return self.max_parallel_ceiling if self.max_parallel == "auto" else self.max_parallel
+
+    @property
+    def auto_rates(self) -> tuple[str, ...]:
+        """The rate limits set to "auto" (of "qps", "rpm", "tpm"), in that order."""
+        return tuple(name for name in AUTO_RATE_FIELDS if getattr(self, name) == AUTO)
 
     def __repr__(self) -> str:
         # base_url may carry a password or a query string (?key=...); api_key is never shown.
@@ -601,27 +619,22 @@ class _EnvReader:
     def _fail(self, var: str, raw: str, expected: str) -> ConfigError:
         return ConfigError(f"{var}={raw!r} (from {self.sources.get(var, 'environment')}): expected {expected}")
 
-    def int_(self, var: str, minimum: int) -> int | None:
+    def int_(self, var: str, minimum: int, alternative: str = "") -> int | None:
         raw = self._raw(var)
         if raw is None:
             return None
         try:
             value = int(raw)
         except ValueError:
-            raise self._fail(var, raw, f"an integer >= {minimum}") from None
+            raise self._fail(var, raw, f"an integer >= {minimum}{alternative}") from None
         if value < minimum:
-            raise self._fail(var, raw, f"an integer >= {minimum}")
+            raise self._fail(var, raw, f"an integer >= {minimum}{alternative}")
         return value
 
-    def int_or_auto(self, var: str, minimum: int) -> int | str | None:
-        """An integer >= ``minimum``, or "auto" (any case): a limit the lane learns."""
+    def auto_or(self, var: str) -> str | None:
+        """``AUTO`` when ``var`` says auto (any case), else None (the caller parses a number)."""
         raw = self._raw(var)
-        if raw is not None and raw.lower() == "auto":
-            return "auto"
-        try:
-            return self.int_(var, minimum)
-        except ConfigError:
-            raise self._fail(var, raw or "", f"an integer >= {minimum} or auto") from None
+        return AUTO if raw is not None and raw.lower() == AUTO else None
 
     def float_(self, var: str, expected: str, *, allow_zero: bool = False) -> float | None:
         raw = self._raw(var)
@@ -675,12 +688,13 @@ class _EnvReader:
         p = f"LLM_EXECUTOR_{name.upper()}_"
         kw: dict[str, Any] = {}
         pairs: list[tuple[str, Any]] = [
-            ("max_parallel", self.int_or_auto(p + "MAX_PARALLEL", 1)),
+            ("max_parallel", self.auto_or(p + "MAX_PARALLEL") or self.int_(p + "MAX_PARALLEL", 1, " or auto")),
             ("max_parallel_ceiling", self.int_(p + "MAX_PARALLEL_CEILING", 1)),
-            ("qps", self.float_(p + "QPS", "a positive number (requests per second)")),
+            ("qps", self.auto_or(p + "QPS") or self.float_(p + "QPS", "a positive number (requests per second) "
+                                                           "or auto")),
             ("burst", self.int_(p + "BURST", 1)),
-            ("rpm", self.int_(p + "RPM", 1)),
-            ("tpm", self.int_(p + "TPM", 1)),
+            ("rpm", self.auto_or(p + "RPM") or self.int_(p + "RPM", 1, " or auto")),
+            ("tpm", self.auto_or(p + "TPM") or self.int_(p + "TPM", 1, " or auto")),
             ("timeout", self.float_(p + "TIMEOUT", "a positive number of seconds")),
             ("connect_timeout", self.float_(p + "CONNECT_TIMEOUT", "a positive number of seconds")),
             ("max_retries", self.int_(p + "MAX_RETRIES", 0)),

@@ -131,9 +131,12 @@ class ProviderError(LLMExecutorError):
         request_id: our request id.
         retryable: whether another attempt may succeed.
         retry_after_s: the wait the provider asked for, when it said one.
+        rate_limit: the limits the reply reported (a ``types.RateLimitInfo``; OpenAI-style
+            ``x-ratelimit-*`` headers, also on a 429), None when it reported none.
     """
 
     default_retryable = False
+    rate_limit: Any = None  # set by the adapters on the instance; a class default keeps old pickles working
 
     def __init__(
         self,

@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 from .errors import InvalidRequestError
 
-__all__ = ["FINISH_REASONS", "MAX_SECONDS", "Capabilities", "FinishReason", "LLMRequest", "LLMResponse"]
+__all__ = ["FINISH_REASONS", "MAX_SECONDS", "Capabilities", "FinishReason", "LLMRequest", "LLMResponse",
+           "RateLimitInfo"]
 
 FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "other"]
 FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "content_filter", "tool_calls", "other"})
@@ -215,6 +216,8 @@ class LLMResponse:
         queue_ms: time from submit to the first attempt's start.
         attempts: provider calls made (retries and repairs included).
         data: the parsed JSON when ``json_schema`` was given, else None.
+        rate_limit: the limits the provider reported on this reply (``RateLimitInfo``), None
+            when it reported none; ``auto`` limits learn from it.
     """
 
     text: str
@@ -230,6 +233,7 @@ class LLMResponse:
     queue_ms: float = 0.0
     attempts: int = 0
     data: Any = field(default=None, hash=False, compare=False)
+    rate_limit: RateLimitInfo | None = field(default=None, hash=False, compare=False)
 
     def completed(self, *, provider: str, request_id: str, latency_ms: float, queue_ms: float, attempts: int,
                   data: Any) -> LLMResponse:
@@ -251,7 +255,35 @@ class LLMResponse:
         _set(new, "queue_ms", queue_ms)
         _set(new, "attempts", attempts)
         _set(new, "data", data)
+        _set(new, "rate_limit", self.rate_limit)
         return new
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitInfo:
+    """The limits a provider reported on one reply (OpenAI-style ``x-ratelimit-*`` headers).
+
+    Carried on ``LLMResponse.rate_limit`` and on a 429's ``RateLimitedError.rate_limit``; a lane
+    whose QPS, RPM or TPM is ``auto`` adopts them. Every field is None when not reported.
+
+    Attributes:
+        limit_requests / remaining_requests: the request limit (per minute, as OpenAI's RPM)
+            and what is left of it.
+        reset_requests_s: seconds until the request window is full again.
+        limit_tokens / remaining_tokens / reset_tokens_s: the same for tokens (TPM).
+    """
+
+    limit_requests: int | None = None
+    remaining_requests: int | None = None
+    reset_requests_s: float | None = None
+    limit_tokens: int | None = None
+    remaining_tokens: int | None = None
+    reset_tokens_s: float | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        """True when no limit was reported."""
+        return self.limit_requests is None and self.limit_tokens is None
 
 
 @dataclass(frozen=True, slots=True)

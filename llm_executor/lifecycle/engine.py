@@ -37,6 +37,7 @@ from ..errors import (
     UnknownProviderError,
 )
 from ..limits import estimate_tokens, make_lane_limiter
+from ..limits.learn import RESERVE_HORIZON_S, RateLearner
 from ..metrics import ExecutorStats, ProviderStats
 from ..providers.protocol import Provider
 from ..providers.registry import create_builtin
@@ -140,8 +141,19 @@ class Engine:
         from ..retry import RetryPolicy  # tenacity is loaded with the first lane, not at import
 
         limiter = make_lane_limiter(name, pcfg, self.config)
+        learner = None
+        if pcfg.auto_rates:
+            # "auto" limits: the limiter and the lane see numbers only, the learner's.
+            learner = RateLearner(name, pcfg, limiter, shared=limiter.is_shared)
+            limiter.reserve_horizon_s = RESERVE_HORIZON_S
+            pcfg = learner.concrete()
+            limiter.reconfigure(pcfg)
         retry = RetryPolicy(pcfg, self.stopping, self._sleep, self.clock)
-        return Lane(name, provider, pcfg, self.config, limiter, retry, builtin, self.clock)
+        lane = Lane(name, provider, pcfg, self.config, limiter, retry, builtin, self.clock)
+        if learner is not None:
+            learner.bind(lane.apply_learned, lane.metrics.on_learned)
+            lane.attach_learner(learner)
+        return lane
 
     def _build_runner(self) -> Runner:
         return Runner(self.lanes, self.config.fallbacks, self.stopping, self.clock, self._seq.__next__,
@@ -178,7 +190,7 @@ class Engine:
                     "expected a model name", field="model")
         if request.max_output_tokens is not None:
             check_capabilities(request, lane.caps, lane.name, model)
-        if lane.pcfg.tpm is not None:
+        if lane.pcfg.tpm is not None and (lane.learner is None or not lane.learner.learns_tpm):
             lane.limiter.check_estimate(estimate_tokens(request.prompt, request.system, request.max_output_tokens))
         now = self.clock()
         deadline = None if request.timeout is None else now + request.timeout
@@ -314,6 +326,9 @@ class Engine:
         for name, lane in self.lanes.items():
             dropped += lane.discard_after_fork()
             lane.limiter = make_lane_limiter(name, lane.pcfg, self.config)
+            if lane.learner is not None:
+                lane.limiter.reserve_horizon_s = RESERVE_HORIZON_S
+                lane.learner.after_fork(lane.limiter)
             from ..retry import RetryPolicy
 
             lane.retry = RetryPolicy(lane.pcfg, self.stopping, self._sleep, self.clock)

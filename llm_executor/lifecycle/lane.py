@@ -32,7 +32,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
-from ..config import ExecutorConfig, ProviderConfig
+from ..config import ExecutorConfig, ProviderConfig, known
 from ..errors import ExecutorShutdownError, QueueFullError
 from ..limits.concurrency import GradientLimit
 from ..metrics import LaneMetrics
@@ -42,6 +42,7 @@ from .request import QUEUED, REMOVED, TAKEN, Request
 
 if TYPE_CHECKING:
     from ..limits import LaneLimiter
+    from ..limits.learn import RateLearner
     from ..retry import RetryPolicy
 
 __all__ = ["LINGER_S", "Lane", "RoomWatcher"]
@@ -100,7 +101,7 @@ class Lane:
         # No rate, budget or global cap: an attempt skips the reservation machinery entirely.
         self.unlimited = not limiter.is_limited
         self.retry = retry
-        self.metrics = LaneMetrics(name, self.max_parallel, pcfg.qps)
+        self.metrics = LaneMetrics(name, self.max_parallel, known(pcfg.qps))
         if self.concurrency is not None:
             self.metrics.on_learned("max_parallel", self.max_parallel, "configured",
                                     f"MAX_PARALLEL=auto, ceiling {pcfg.max_parallel_ceiling}")
@@ -111,6 +112,18 @@ class Lane:
         # Token waits seen by workers (EWMA, seconds): "auto" routing reads this instead of asking
         # a shared store on the caller's thread (issue 11, item 3: submit() returns at once).
         self.token_wait_s = 0.0
+        self.learner: RateLearner | None = None  # set by attach_learner when QPS/RPM/TPM is "auto"
+
+    def attach_learner(self, learner: RateLearner) -> None:
+        """Let ``learner`` set this lane's QPS/RPM/TPM: every change goes to ``pcfg`` (what the
+        estimates read) and to the limiter (from its next call on)."""
+        self.learner = learner
+        learner.start()
+
+    def apply_learned(self, cfg: ProviderConfig) -> None:
+        """Use ``cfg``'s learned QPS/RPM/TPM (a concrete copy of the configured ProviderConfig)."""
+        self.pcfg = cfg
+        self.limiter.reconfigure(cfg)
 
     def _reset_threading(self) -> None:
         """Fresh locks, heap, counters and pool (at start, and in a forked child)."""
@@ -423,7 +436,8 @@ class Lane:
         drain time, which swung the estimate 80× (issue 14).
         """
         by_workers = self._call_s() / self.max_parallel
-        by_rate = 1.0 / self.pcfg.qps if self.pcfg.qps else 0.0
+        qps = known(self.pcfg.qps)
+        by_rate = 1.0 / qps if qps else 0.0
         return round(max(0.05, by_workers, by_rate, self.pause_remaining_s()), 3)
 
     def expected_start_s(self) -> float:
@@ -433,7 +447,8 @@ class Lane:
             backlog = self.pending + self.metrics.in_flight - self.max_parallel + 1
             pending = self.pending
         by_workers = max(0.0, backlog / self.max_parallel * call_s)
-        by_rate = (pending / self.pcfg.qps) if self.pcfg.qps else 0.0
+        qps = known(self.pcfg.qps)
+        by_rate = (pending / qps) if qps else 0.0
         # The store's last answer (no I/O): an hour while a fail_closed store is lost, so "auto"
         # steers away from a lane that cannot start anything.
         token_wait_s = max(self.token_wait_s, self.limiter.last_known_wait_s())

@@ -39,6 +39,7 @@ from ..errors import (
     SchemaValidationError,
 )
 from ..limits import estimate_tokens
+from ..limits.learn import RateLearner
 from ..retry import hint_above_cap, is_retryable
 from ..types import LLMResponse
 from ..validation import parse_structured
@@ -307,6 +308,10 @@ class Runner:
         deadline_monotonic = None if deadline is None else time.monotonic() + (deadline - self._clock())
         estimate = (estimate_tokens(prompt, request.request.system, max_tokens)
                     if lane.pcfg.tpm is not None else 0)
+        if lane.learner is not None and lane.learner.learns_tpm and lane.pcfg.tpm is not None:
+            # A learned TPM may still be the safe start: a request larger than it takes all of it
+            # rather than fail (the provider's own limit decides).
+            estimate = min(estimate, int(lane.pcfg.tpm))
         ready: list[float | None] = []
         with AttemptHolds(lane, self._stopping) as holds:
             waited_s = holds.take(estimate, deadline_monotonic, lambda: ready.append(self._check_ready(request, lane)))
@@ -316,7 +321,7 @@ class Runner:
             remaining_s = ready[0]
             if remaining_s is not None:
                 remaining_s = max(remaining_s - waited_s, 0.001)
-            return self._call(request, lane, prompt, max_tokens, holds, remaining_s)
+            return self._call(request, lane, prompt, max_tokens, holds, remaining_s, waited_s)
 
     def _check_ready(self, request: Request, lane: Lane) -> float | None:
         """The last check before an attempt starts; returns the time left (None: no deadline)."""
@@ -342,7 +347,8 @@ class Runner:
             raise ExecutorShutdownError(f"executor shut down while {lane.name} was paused")
 
     def _call(self, request: Request, lane: Lane, prompt: str, max_tokens: int | None,
-              holds: AttemptHolds | None, remaining_s: float | None) -> tuple[LLMResponse, float]:
+              holds: AttemptHolds | None, remaining_s: float | None,
+              waited_s: float = 0.0) -> tuple[LLMResponse, float]:
         """Start the attempt: every check is done, nothing here may abort it."""
         request.attempts += 1
         first = request.attempts == 1
@@ -354,6 +360,8 @@ class Runner:
             max_output_tokens=max_tokens, json_schema=request.schema, timeout=remaining_s)
         metrics = lane.metrics
         metrics.on_attempt_start(not first, request.queue_ms if first else None)
+        learner = lane.learner
+        token = learner.on_start(waited_s) if learner is not None else 0
         t0 = time.perf_counter()
         response: Any = None
         failure: BaseException | None = None
@@ -361,6 +369,8 @@ class Runner:
             response = lane.provider.complete(call_request)
         except BaseException as exc:
             failure = exc
+            if learner is not None and isinstance(exc, ProviderError):
+                self._learn_from_error(learner, exc, token)
             raise
         finally:
             latency_ms = (time.perf_counter() - t0) * 1000.0
@@ -379,6 +389,8 @@ class Runner:
             raise ProviderError(
                 f"provider {lane.name!r} returned {type(response).__name__} from complete(), expected LLMResponse",
                 provider=lane.name, request_id=request.request_id, retryable=False)
+        if learner is not None:
+            learner.on_reply(response.rate_limit, token)
         return response, latency_ms
 
     def _learn(self, lane: Lane, latency_s: float, failure: BaseException | None, in_flight: int) -> None:
@@ -391,6 +403,18 @@ class Runner:
             return  # a bad request or a refused key says nothing about the provider's load
         for _ in range(lane.learn(latency_s, ok, in_flight)):
             self._start_worker(lane)
+
+    @staticmethod
+    def _learn_from_error(learner: RateLearner, exc: ProviderError, token: int) -> None:
+        """A failed attempt teaches the lane's learner: a retryable 429 decreases the pace (a
+        quota exhausted for the day is no rate), and any reported limits are adopted."""
+        try:
+            if isinstance(exc, RateLimitedError) and exc.retryable:
+                learner.on_rate_limited(exc.rate_limit, token)
+            elif exc.rate_limit is not None:
+                learner.on_reply(exc.rate_limit, token)
+        except Exception:  # pragma: no cover - learning must never change the attempt's outcome
+            log.exception("%s: learning from a failed attempt failed", learner.name)
 
     @staticmethod
     def _deadline_error(request: Request, lane: Lane, when: str) -> DeadlineExceededError:

@@ -47,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from ..config import ExecutorConfig, ProviderConfig, mask_url
+from ..config import ExecutorConfig, ProviderConfig, known, mask_url
 from ..errors import (
     ConfigError,
     DeadlineExceededError,
@@ -61,6 +61,7 @@ from ._backend import (
     Ask,
     Backend,
     BackendLostError,
+    LearnedRecord,
     MemoryBackend,
     Rate,
     Verdict,
@@ -195,12 +196,23 @@ class LaneLimiter:
         self._offsets: dict[int, collections.deque[tuple[float, float]]] = {}
         self._closed = threading.Event()
         self._renewer: threading.Thread | None = None  # guarded by _lock
+        self.reserve_horizon_s: float | None = None  # set for learned limits: see ``_take``
 
     # -- properties --------------------------------------------------------------------------
     @property
     def is_limited(self) -> bool:
         """True when the lane has a QPS, RPM or TPM limit or a global in-flight cap."""
         return bool(self._rates) or self.cfg.tpm is not None or self.cfg.global_max_parallel is not None
+
+    @property
+    def _horizon_ms(self) -> int | None:
+        horizon_s = self.reserve_horizon_s
+        return None if horizon_s is None else max(1, int(horizon_s * 1000))
+
+    @property
+    def is_shared(self) -> bool:
+        """True when the store is shared with other processes (SQLite, Redis)."""
+        return self._is_shared
 
     @property
     def is_degraded(self) -> bool:
@@ -231,6 +243,15 @@ class LaneLimiter:
         rates = build_rates(cfg)
         with self._lock:
             self.cfg, self._rates, self._late_wake = cfg, rates, _late_wake_s(cfg)
+
+    def learned(self, expected_version: int, data: str = "", min_age_ms: int = 0) -> LearnedRecord | None:
+        """Read (``expected_version`` -1) or compare-and-set the lane's learned-limits record in
+        the store (``Backend.learned``); None when the store does not answer (the learner keeps
+        its own values until it does)."""
+        try:
+            return self._shared.learned(expected_version, data, min_age_ms)
+        except BackendLostError:
+            return None
 
     # -- failure policy ------------------------------------------------------------------------
     def _current(self) -> Backend:
@@ -354,7 +375,7 @@ class LaneLimiter:
             member=f"{self._holder_prefix}:{seq}",
             max_wait_ms=max_wait_ms,
             tokens=tokens or 0,
-            tpm_limit=cfg.tpm if tokens is not None else None,
+            tpm_limit=known(cfg.tpm) if tokens is not None else None,
             holder=f"{self._holder_prefix}:s{seq}" if slot else "",
             cap=cfg.global_max_parallel if slot else None,
             ttl_ms=self._lease_ttl_ms,
@@ -377,8 +398,10 @@ class LaneLimiter:
                     raise DeadlineExceededError(f"request deadline passed while {self.name} waited for {what}",
                                                 provider=self.name)
                 max_wait_ms = _NO_DEADLINE_MS if remaining_s is None else int(remaining_s * 1000)
+                horizon_ms = self._horizon_ms
+                capped = horizon_ms is not None and horizon_ms < max_wait_ms
                 if taken is None:
-                    ask = make(max_wait_ms)
+                    ask = make(horizon_ms if capped and horizon_ms is not None else max_wait_ms)
                 else:
                     # Woken too late for the reserved start: the entry moves to a start this caller
                     # can still keep (the store replaces an entry of the same member).
@@ -404,6 +427,12 @@ class LaneLimiter:
                         continue
                     result, taken = taken, None
                     return result
+                if verdict.blocked_by == "rate" and capped and (remaining_s is None or wait_s < remaining_s):
+                    # A learned rate may rise any moment: reserve no further ahead than the
+                    # horizon, and ask again (under the rate in force then) when it is reached.
+                    horizon_s = (horizon_ms or 0) / 1000.0
+                    stopping.wait(max(0.001, min(wait_s - horizon_s, horizon_s)))
+                    continue
                 if verdict.blocked_by == "rate":
                     raise DeadlineExceededError(
                         f"request deadline passes before {self.name}'s rate token is free (next in {wait_s:.3f}s)",
@@ -560,7 +589,7 @@ class LaneLimiter:
         Raises:
             InvalidRequestError: ``estimate`` exceeds the lane's TPM.
         """
-        tpm = self.cfg.tpm
+        tpm = known(self.cfg.tpm)
         if tpm is not None and estimate > tpm:
             raise InvalidRequestError(
                 f"request needs ~{estimate} tokens, more than LLM_EXECUTOR_{self.name.upper()}_TPM={tpm}; "

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..config import ProviderConfig
+from ..config import ProviderConfig, known
 
 __all__ = [
     "SLOT_POLL_MS",
@@ -110,17 +110,18 @@ def build_rates(cfg: ProviderConfig, margin_ms: int | None = None) -> tuple[Rate
     if margin_ms is None:
         margin_ms = cfg.window_margin_ms
     rates: list[Rate] = []
-    if cfg.qps is not None:
-        if cfg.qps >= 1:
-            rates.extend(_qps_rates(math.floor(cfg.qps), margin_ms, cfg.burst))
+    qps, rpm_limit = known(cfg.qps), known(cfg.rpm)  # "auto" is fed in as a number (limits.learn)
+    if qps is not None:
+        if qps >= 1:
+            rates.extend(_qps_rates(math.floor(qps), margin_ms, cfg.burst))
         else:
-            rates.append(Rate(1, math.ceil(1000 / cfg.qps) + margin_ms))
-    if cfg.rpm is not None:
-        rpm = Rate(cfg.rpm, 60_000 + margin_ms)
+            rates.append(Rate(1, math.ceil(1000 / qps) + margin_ms))
+    if rpm_limit is not None:
+        rpm = Rate(rpm_limit, 60_000 + margin_ms)
         # A shorter rate allowing as many requests as the RPM is implied by it and dropped; an
         # RPM looser than the QPS in the long run is implied and skipped.
-        rates = [r for r in rates if r.limit < cfg.rpm]
-        if not rates or cfg.rpm / rpm.interval_ms < rates[-1].limit / rates[-1].interval_ms:
+        rates = [r for r in rates if r.limit < rpm_limit]
+        if not rates or rpm_limit / rpm.interval_ms < rates[-1].limit / rates[-1].interval_ms:
             rates.append(rpm)
     return tuple(sorted(rates, key=lambda r: r.interval_ms))
 
@@ -289,6 +290,39 @@ class Admitted:
     holders: tuple[str, ...] = ()
 
 
+# A learned-limits record nobody wrote for this long is dropped (the next process starts afresh).
+LEARNED_TTL_MS = 3_600_000
+
+
+@dataclass(frozen=True, slots=True)
+class LearnedRecord:
+    """The learned limits of a lane as the store keeps them (``Backend.learned``).
+
+    Attributes:
+        version: bumped by every write (0: nothing written yet).
+        changed_ms: the store's clock at the last write.
+        data: what the learner wrote (JSON text; "" while version is 0).
+        now_ms: the store's clock when it answered.
+        applied: the write asked for was made.
+    """
+
+    version: int
+    changed_ms: int
+    data: str
+    now_ms: int
+    applied: bool = False
+
+
+def learned_decide(version: int, changed_ms: int, now_ms: int, expected_version: int, min_age_ms: int) -> bool:
+    """Whether a write of the learned record is made (mirrored in _redis.py's Lua).
+
+    Compare-and-set on the version, and at most one write per ``min_age_ms`` (0: any time) so N
+    processes that each want to raise a limit every interval raise it once per interval, not N
+    times. A read asks with ``expected_version`` -1, which never matches.
+    """
+    return version == expected_version and (version == 0 or now_ms - changed_ms >= min_age_ms)
+
+
 class Backend(Protocol):
     """Non-blocking limit operations of one lane; waits are returned, never slept."""
 
@@ -322,6 +356,12 @@ class Backend(Protocol):
     def record(self, usage: Admitted, rates: Sequence[Rate], ttl_ms: int) -> None:
         """Add what a local fallback took (rate entries, TPM tokens, slot leases) to the store."""
 
+    def learned(self, expected_version: int, data: str, min_age_ms: int) -> LearnedRecord:
+        """Write the lane's learned-limits record if ``learned_decide`` says so; the record after.
+
+        ``expected_version`` -1 only reads it.
+        """
+
     def ping(self) -> None:
         """Raise BackendLostError unless the store answers (and would accept a write)."""
 
@@ -351,6 +391,7 @@ class MemoryBackend:
         self._tpm: dict[int, int] = {}  # guarded by _lock
         self._slots: set[str] = set()  # guarded by _lock
         self._sealed = False  # guarded by _lock
+        self._learned = (0, 0, "")  # guarded by _lock: version, changed_ms, data
         self.round_trips = 0
 
     def _nth_newest(self, n: int) -> int | None:
@@ -470,6 +511,17 @@ class MemoryBackend:
                 index = (now - age) // TPM_BUCKET_MS
                 self._tpm[index] = self._tpm.get(index, 0) + tokens
             self._slots.update(usage.holders)
+
+    def learned(self, expected_version: int, data: str, min_age_ms: int) -> LearnedRecord:
+        with self._lock:
+            now = self._now_ms()
+            version, changed, current = self._learned
+            if version and now - changed > LEARNED_TTL_MS:
+                version, changed, current = 0, 0, ""
+            if learned_decide(version, changed, now, expected_version, min_age_ms):
+                self._learned = (version + 1, now, data)
+                return LearnedRecord(version + 1, now, data, now, applied=True)
+            return LearnedRecord(version, changed, current, now)
 
     def ping(self) -> None:
         return None

@@ -4,7 +4,8 @@ Keys of one lane share the hash tag ``{namespace:provider[:key hash]}``, so on a
 live in one slot and every script below touches one node:
   ``{…}:rate``  a sorted set of request starts (score: start in ms on the Redis clock);
   ``{…}:tpm``   a hash of tokens per 1 s bucket;
-  ``{…}:slots`` a sorted set of in-flight holders scored by lease expiry (ms, Redis clock).
+  ``{…}:slots`` a sorted set of in-flight holders scored by lease expiry (ms, Redis clock);
+  ``{…}:learned`` a hash of the lane's learned limits (version, changed_ms, data), see ``learn.py``.
 Every script reads Redis ``TIME``: windows are computed on the store's clock, so hosts whose
 clocks disagree, step or slew still count one window. The arithmetic is ``_backend.py``'s,
 ported line for line (``admit_decide``, ``rate_wait_ms``, ``tpm_decide``, ``tpm_refund_plan``).
@@ -28,12 +29,14 @@ from redis.retry import Retry
 from ..config import REDIS_URL_OPTIONS, mask_url
 from ..errors import ConfigError
 from ._backend import (
+    LEARNED_TTL_MS,
     SLOT_POLL_MS,
     TPM_BUCKET_MS,
     TPM_WINDOW_BUCKETS,
     Admitted,
     Ask,
     BackendLostError,
+    LearnedRecord,
     Rate,
     Verdict,
 )
@@ -224,6 +227,21 @@ return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 """
 
 
+# KEYS: learned (a hash: version, changed_ms, data). ARGV: now, expected_version, min_age_ms, data,
+# ttl_ms -> {applied 0|1, version, changed_ms, data, now}. Mirrors _backend.learned_decide.
+LEARNED = _CLOCK + """
+local version = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+local changed = tonumber(redis.call('HGET', KEYS[1], 'changed_ms') or '0')
+local expected, min_age = tonumber(ARGV[2]), tonumber(ARGV[3])
+if version == expected and (version == 0 or now - changed >= min_age) then
+  redis.call('HSET', KEYS[1], 'version', version + 1, 'changed_ms', now, 'data', ARGV[4])
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[5]))
+  return {1, version + 1, now, ARGV[4], now}
+end
+return {0, version, changed, redis.call('HGET', KEYS[1], 'data') or '', now}
+"""
+
+
 def _split_cluster_url(url: str) -> tuple[str, list[tuple[str, int]]]:
     """``rediss+cluster://u:p@h1:7000,h2:7001/?q`` -> (``rediss://u:p@h1:7000/?q``, [(h1, 7000), (h2, 7001)])."""
     scheme, rest = url.split("://", 1)
@@ -314,12 +332,13 @@ class RedisBackend:
             redis.exceptions.ResponseError, OSError)
         self._client = client if client is not None else build_client(url)
         tag = "{" + lane_key + "}"
-        self._keys = [tag + ":rate", tag + ":tpm", tag + ":slots"]
+        self._keys = [tag + ":rate", tag + ":tpm", tag + ":slots", tag + ":learned"]
         self._admit = self._client.register_script(ADMIT)
         self._record = self._client.register_script(RECORD)
         self._tpm_adjust = self._client.register_script(TPM_ADJUST)
         self._slot_renew = self._client.register_script(SLOT_RENEW)
         self._slot_count = self._client.register_script(SLOT_COUNT)
+        self._learned = self._client.register_script(LEARNED)
         self._calls_lock = threading.Lock()
         self.round_trips = 0  # guarded by _calls_lock: calls to Redis (a script call is one)
         self.ping()
@@ -342,7 +361,7 @@ class RedisBackend:
                            SLOT_POLL_MS, len(ask.rates)]
         for rate in ask.rates:
             args += [rate.limit, rate.interval_ms]
-        taken, wait_ms, blocked_by, now_ms = self._call(lambda: self._admit(keys=self._keys, args=args))
+        taken, wait_ms, blocked_by, now_ms = self._call(lambda: self._admit(keys=self._keys[:3], args=args))
         return Verdict(bool(taken), int(wait_ms),
                        blocked_by.decode() if isinstance(blocked_by, bytes) else str(blocked_by), int(now_ms))
 
@@ -362,7 +381,7 @@ class RedisBackend:
         for age, tokens in usage.tpm_ages_ms:
             args += [age, tokens]
         args += list(usage.holders)
-        self._call(lambda: self._record(keys=self._keys, args=args))
+        self._call(lambda: self._record(keys=self._keys[:3], args=args))
 
     # -- TPM -----------------------------------------------------------------------------------
     def adjust_tokens(self, delta: int) -> None:
@@ -389,6 +408,13 @@ class RedisBackend:
     def slots_held(self) -> int:
         """Unexpired leases now (for tests and stats)."""
         return int(self._call(lambda: self._slot_count(keys=[self._keys[2]], args=[self._now_arg()])))
+
+    # -- learned limits --------------------------------------------------------------------------
+    def learned(self, expected_version: int, data: str, min_age_ms: int) -> LearnedRecord:
+        applied, version, changed, current, now = self._call(lambda: self._learned(
+            keys=[self._keys[3]], args=[self._now_arg(), expected_version, min_age_ms, data, LEARNED_TTL_MS]))
+        text = current.decode() if isinstance(current, bytes) else str(current)
+        return LearnedRecord(int(version), int(changed), text, int(now), applied=bool(applied))
 
     def ping(self) -> None:
         # A cluster pings every node; what matters is the node that owns the lane's slot, so ask it.

@@ -24,13 +24,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ._backend import (
+    LEARNED_TTL_MS,
     TPM_BUCKET_MS,
     Admitted,
     Ask,
     BackendLostError,
+    LearnedRecord,
     Rate,
     Verdict,
     admit_decide,
+    learned_decide,
     rate_horizon_ms,
     rate_wait_ms,
     tpm_live_since,
@@ -54,8 +57,10 @@ _SCHEMA = (
     " lane TEXT NOT NULL, bucket INTEGER NOT NULL, tokens INTEGER NOT NULL, PRIMARY KEY (lane, bucket))",
     "CREATE TABLE IF NOT EXISTS llm_executor_slots ("
     " lane TEXT NOT NULL, holder TEXT NOT NULL, expires_ms INTEGER NOT NULL, PRIMARY KEY (lane, holder))",
+    "CREATE TABLE IF NOT EXISTS llm_executor_learned ("
+    " lane TEXT PRIMARY KEY, version INTEGER NOT NULL, changed_ms INTEGER NOT NULL, data TEXT NOT NULL)",
 )
-_TABLES = ("llm_executor_rate", "llm_executor_tpm", "llm_executor_slots")
+_TABLES = ("llm_executor_rate", "llm_executor_tpm", "llm_executor_slots", "llm_executor_learned")
 
 
 def sqlite_path(url: str) -> str:
@@ -261,6 +266,20 @@ class SQLiteBackend:
             return int(row[0])
 
         return self._transaction(count)
+
+    def learned(self, expected_version: int, data: str, min_age_ms: int) -> LearnedRecord:
+        def exchange(conn: sqlite3.Connection, now: int) -> LearnedRecord:
+            row = conn.execute("SELECT version, changed_ms, data FROM llm_executor_learned WHERE lane = ?",
+                               (self.lane_key,)).fetchone()
+            version, changed, current = (0, 0, "") if row is None else (int(row[0]), int(row[1]), str(row[2]))
+            if version and now - changed > LEARNED_TTL_MS:
+                version, changed, current = 0, 0, ""
+            if not learned_decide(version, changed, now, expected_version, min_age_ms):
+                return LearnedRecord(version, changed, current, now)
+            conn.execute("INSERT OR REPLACE INTO llm_executor_learned (lane, version, changed_ms, data) "
+                         "VALUES (?, ?, ?, ?)", (self.lane_key, version + 1, now, data))
+            return LearnedRecord(version + 1, now, data, now, applied=True)
+        return self._transaction(exchange)
 
     def ping(self) -> None:
         # An empty write transaction: it answers only when the write lock can be had.

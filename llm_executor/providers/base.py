@@ -19,6 +19,7 @@ Imports: ``types``, ``errors``, ``config`` and ``requests``; never the executor.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import http.client
 import json
 import logging
@@ -48,7 +49,7 @@ from ..errors import (
     ProviderUnavailableError,
     RateLimitedError,
 )
-from ..types import Capabilities, LLMRequest, LLMResponse
+from ..types import Capabilities, LLMRequest, LLMResponse, RateLimitInfo
 from .protocol import Provider
 from .transport import AttemptGuard, AttemptWatch, GuardedHTTPAdapter, register_secret
 
@@ -63,6 +64,7 @@ __all__ = [
     "parse_duration_s",
     "parse_error_body",
     "parse_go_duration_s",
+    "parse_rate_limit_info",
     "parse_rate_limit_reset",
     "parse_retry_after",
 ]
@@ -182,6 +184,28 @@ def parse_rate_limit_reset(headers: Mapping[str, str]) -> float | None:
         if remaining is None or remaining <= 0:
             waits.append(reset)
     return max(waits) if waits else None
+
+
+def _count_header(headers: Mapping[str, str], name: str) -> int | None:
+    value = _finite_float(_hint(headers, name) or "")
+    return int(value) if value is not None and value >= 0 else None
+
+
+def parse_rate_limit_info(headers: Mapping[str, str]) -> RateLimitInfo | None:
+    """The limits OpenAI-style ``x-ratelimit-limit|remaining|reset-requests|tokens`` headers
+    report (also under LiteLLM's ``llm_provider-`` prefix); None when no limit is reported.
+
+    A value that does not parse is left out (None), never guessed.
+    """
+    info = RateLimitInfo(
+        limit_requests=_count_header(headers, "x-ratelimit-limit-requests"),
+        remaining_requests=_count_header(headers, "x-ratelimit-remaining-requests"),
+        reset_requests_s=parse_go_duration_s(_hint(headers, "x-ratelimit-reset-requests")),
+        limit_tokens=_count_header(headers, "x-ratelimit-limit-tokens"),
+        remaining_tokens=_count_header(headers, "x-ratelimit-remaining-tokens"),
+        reset_tokens_s=parse_go_duration_s(_hint(headers, "x-ratelimit-reset-tokens")),
+    )
+    return None if info.is_empty else info
 
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
@@ -530,6 +554,18 @@ class HTTPProvider(abc.ABC):
         request: LLMRequest | None = None,
         model: str | None = None,
     ) -> dict[str, Any]:
+        """``request_json_info`` without the reported limits."""
+        return self.request_json_info(method, url, body=body, request=request, model=model)[0]
+
+    def request_json_info(
+        self,
+        method: str,
+        url: str,
+        *,
+        body: Mapping[str, Any] | None = None,
+        request: LLMRequest | None = None,
+        model: str | None = None,
+    ) -> tuple[dict[str, Any], RateLimitInfo | None]:
         """Send one HTTP call and return its JSON object; the only place errors are translated.
 
         Args:
@@ -540,7 +576,8 @@ class HTTPProvider(abc.ABC):
             model: the model, for error messages.
 
         Returns:
-            The decoded JSON object of a 2xx response.
+            The decoded JSON object of a 2xx response, and the limits its headers reported (a
+            ``ProviderError`` carries them too, as ``.rate_limit``).
 
         Raises:
             ProviderUnavailableError: connection error, or no complete response within
@@ -601,7 +638,8 @@ class HTTPProvider(abc.ABC):
         if failure is not None or response is None:
             raise failure or ProviderError(f"{self.name}: no response", provider=self.name)
         try:
-            return self._checked_json(response, content, request_id, model)
+            info = parse_rate_limit_info(response.headers)
+            return self._checked_json(response, content, request_id, model, info), info
         finally:
             response.close()
 
@@ -716,7 +754,7 @@ class HTTPProvider(abc.ABC):
         return ProviderUnavailableError(message, provider=self.name, request_id=request_id, retryable=True)
 
     def _checked_json(self, response: requests.Response, content: bytes, request_id: str | None,
-                      model: str | None) -> dict[str, Any]:
+                      model: str | None, info: RateLimitInfo | None = None) -> dict[str, Any]:
         status = response.status_code
         if not 200 <= status < 300:
             try:
@@ -724,6 +762,8 @@ class HTTPProvider(abc.ABC):
             except (KeyError, IndexError, TypeError, AttributeError, ValueError, RecursionError) as exc:
                 # An adapter hook tripped over an odd error body: still a typed error for this status.
                 error = self._plain_status_error(status, type(exc).__name__, request_id)
+            if info is not None:
+                error.rate_limit = info  # a 429 says the limits too: "auto" limits learn from it
             raise error
         try:
             data = json.loads(content)
@@ -795,11 +835,17 @@ class HTTPProvider(abc.ABC):
         return ProviderError(message, **kw)
 
     def parse_guarded(self, parse: Callable[[dict[str, Any]], LLMResponse], payload: dict[str, Any],
-                      request: LLMRequest) -> LLMResponse:
-        """Run ``parse(payload)``; a shape surprise becomes a non-retryable "malformed response" error."""
+                      request: LLMRequest, rate_limit: RateLimitInfo | None = None) -> LLMResponse:
+        """Run ``parse(payload)``; a shape surprise becomes a non-retryable "malformed response" error.
+
+        ``rate_limit`` (what ``request_json_info`` read from the headers) rides on the response.
+        """
         request_id = request.request_id or None
         try:
-            return parse(payload)
+            response = parse(payload)
+            if rate_limit is not None and response.rate_limit is None:
+                response = dataclasses.replace(response, rate_limit=rate_limit)
+            return response
         except LLMExecutorError:
             raise
         except MalformedResponseError as exc:

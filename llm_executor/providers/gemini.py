@@ -143,9 +143,9 @@ class GeminiProvider(HTTPProvider):
         """
         model = _strip_models_prefix(self.resolve_model(request))
         self._check_key()
-        payload = self.request_json("POST", self.url_for(model), body=self.build_body(request),
-                                    request=request, model=model)
-        return self.parse_guarded(lambda data: self._parse(data, model, request), payload, request)
+        payload, limits = self.request_json_info("POST", self.url_for(model), body=self.build_body(request),
+                                                 request=request, model=model)
+        return self.parse_guarded(lambda data: self._parse(data, model, request), payload, request, limits)
 
     def _parse(self, data: dict[str, Any], model: str, request: LLMRequest) -> LLMResponse:
         candidates = data.get("candidates")

@@ -254,9 +254,9 @@ class OpenAIProvider(HTTPProvider):
         model = self.resolve_model(request)
         self._check_key()
         body = self.build_body(request, model)
-        payload = self.request_json("POST", self._endpoint()[1], body=body,
-                                    request=request, model=model)
-        return self.parse_guarded(lambda data: self._parse(data, model), payload, request)
+        payload, limits = self.request_json_info("POST", self._endpoint()[1], body=body,
+                                                 request=request, model=model)
+        return self.parse_guarded(lambda data: self._parse(data, model), payload, request, limits)
 
     def _parse(self, data: dict[str, Any], model: str) -> LLMResponse:
         choices = expect_list(data.get("choices"), "choices")
