@@ -104,6 +104,7 @@ BackendFailure = Literal["fail_closed", "local"]
 # further down: qps=1e-12 overflowed the limiter's clock, waits past threading.TIMEOUT_MAX raise
 # OverflowError (issue 11 item 8). Each ConfigError quotes the bound.
 MIN_QPS = 0.001  # one request per 1000 s; slower rates belong in rpm
+DEFAULT_WINDOW_MARGIN_MS = 20  # see limits/_backend.py WINDOW_MARGIN_MS
 # QPS / RPM / TPM set to this are learned from the provider (limits/learn.py).
 AUTO: Final = "auto"
 AUTO_RATE_FIELDS: tuple[str, ...] = ("qps", "rpm", "tpm")
@@ -237,7 +238,7 @@ class ProviderConfig:
     reasoning_models: tuple[str, ...] | None = None
     options: Mapping[str, str] = field(default_factory=dict, hash=False)
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
-    window_margin_ms: int = 20
+    window_margin_ms: int = DEFAULT_WINDOW_MARGIN_MS
 
     def __post_init__(self) -> None:
         week = f"<= {MAX_SECONDS:g} (a week)"

@@ -37,7 +37,7 @@ from ..errors import (
     UnknownProviderError,
 )
 from ..limits import estimate_tokens, make_lane_limiter
-from ..limits.learn import RESERVE_HORIZON_S, RateLearner
+from ..limits.learn import RateLearner
 from ..metrics import ExecutorStats, ProviderStats
 from ..providers.protocol import Provider
 from ..providers.registry import create_builtin
@@ -145,7 +145,6 @@ class Engine:
         if pcfg.auto_rates:
             # "auto" limits: the limiter and the lane see numbers only, the learner's.
             learner = RateLearner(name, pcfg, limiter, shared=limiter.is_shared)
-            limiter.reserve_horizon_s = RESERVE_HORIZON_S
             pcfg = learner.concrete()
             limiter.reconfigure(pcfg)
         retry = RetryPolicy(pcfg, self.stopping, self._sleep, self.clock)
@@ -327,7 +326,6 @@ class Engine:
             dropped += lane.discard_after_fork()
             lane.limiter = make_lane_limiter(name, lane.pcfg, self.config)
             if lane.learner is not None:
-                lane.limiter.reserve_horizon_s = RESERVE_HORIZON_S
                 lane.learner.after_fork(lane.limiter)
             from ..retry import RetryPolicy
 

@@ -97,15 +97,16 @@ RECOVERY_CHECK_S = 0.5
 # Without a deadline a start may be reserved this far ahead (about 24 days: no limit in practice).
 _NO_DEADLINE_MS = 2**31 - 1
 
-# A caller that starts this much later than its reserved start asks again for a start it can keep
-# (the rest of the window margin covers the way to the wire). A move costs the lane the start it
-# gives up (later ones are already reserved), so only lateness that could break a window moves.
-LATE_WAKE_S = (WINDOW_MARGIN_MS - 8) / 1000.0
 
 
 def _late_wake_s(cfg: ProviderConfig) -> float:
-    """``LATE_WAKE_S`` for the lane's own window margin (never below 2 ms)."""
+    """How much later than its reserved start a caller may start before it asks again for a start
+    it can keep: the window margin less 8 ms (which covers the way to the wire), at least 2 ms.
+    A move costs the lane the start it gives up (later ones are already reserved), so only
+    lateness that could break a window moves."""
     return max(0.002, (cfg.window_margin_ms - 8) / 1000.0)
+
+
 MAX_MOVES = 2  # on a starved machine, the third late start goes ahead rather than loop
 
 # A caller refused a global slot looks again after SLOT_POLL_MS, doubling up to this.
@@ -175,7 +176,6 @@ class LaneLimiter:
         self.cfg = cfg
         self._clock_s = clock_s
         self._rates: tuple[Rate, ...] = build_rates(cfg)
-        self._late_wake = _late_wake_s(cfg)
         self._shared: Backend = backend if backend is not None else MemoryBackend()
         self._is_shared = backend is not None and not isinstance(backend, MemoryBackend)
         self._backend_failure = backend_failure
@@ -242,7 +242,7 @@ class LaneLimiter:
         """
         rates = build_rates(cfg)
         with self._lock:
-            self.cfg, self._rates, self._late_wake = cfg, rates, _late_wake_s(cfg)
+            self.cfg, self._rates = cfg, rates
 
     def learned(self, expected_version: int, data: str = "", min_age_ms: int = 0) -> LearnedRecord | None:
         """Read (``expected_version`` -1) or compare-and-set the lane's learned-limits record in
@@ -422,7 +422,7 @@ class LaneLimiter:
                     # A caller that starts later than its entry says (starved, woke late) would be
                     # counted by the provider in a later window than the store counted it: it asks
                     # again (twice at most) for a start it can keep.
-                    if ask.rates and moves < MAX_MOVES and self._clock_s() - start_s > self._late_wake:
+                    if ask.rates and moves < MAX_MOVES and self._clock_s() - start_s > _late_wake_s(self.cfg):
                         moves += 1
                         continue
                     result, taken = taken, None

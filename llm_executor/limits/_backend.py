@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..config import ProviderConfig, known
+from ..config import DEFAULT_WINDOW_MARGIN_MS, ProviderConfig, known
 
 __all__ = [
     "SLOT_POLL_MS",
@@ -54,8 +54,8 @@ __all__ = [
 # (thread wake-up, connection). Widening each window by this margin keeps "max starts in any 1 s
 # window" at or below the limit as seen by the provider, at a cost of 2% of throughput. 20 ms
 # covers a request that opens a new connection (loopback); TLS to a remote provider can take
-# longer on a cold start.
-WINDOW_MARGIN_MS = 20
+# longer on a cold start. The default of ``ProviderConfig.window_margin_ms``.
+WINDOW_MARGIN_MS = DEFAULT_WINDOW_MARGIN_MS
 
 # TPM is a counter per 1 s bucket. A bucket counts while it is within the last 61 buckets, so a
 # reservation is held between 60 and 61 s: never less than the provider's minute.

@@ -29,7 +29,7 @@ Per window, with ``ratio = window median / baseline``:
 
 The limit is a float in ``[1, ceiling]``; callers use its floor (``value``). Not thread-safe:
 the lane calls it under its own lock.
-Imports: stdlib only.
+Imports: the stdlib and ``config`` (the default ceiling).
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+
+from ..config import DEFAULT_PARALLEL_CEILING
 
 __all__ = [
     "DEFAULT_CEILING",
@@ -47,7 +49,7 @@ __all__ = [
 ]
 
 # The default upper bound of a learned MAX_PARALLEL (LLM_EXECUTOR_<NAME>_MAX_PARALLEL_CEILING).
-DEFAULT_CEILING = 32
+DEFAULT_CEILING = DEFAULT_PARALLEL_CEILING
 # Where a learned MAX_PARALLEL starts: one call at a time is safe for any server, and its first
 # window measures the true unloaded latency (a start above a capacity of 1 would take the loaded
 # latency as its baseline and never see the knee). Slow start reaches 8 in three windows.

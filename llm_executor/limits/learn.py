@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..config import AUTO, MAX_QPS, MIN_QPS, ProviderConfig
+from ..config import MAX_QPS, MIN_QPS, ProviderConfig
 from ._backend import LearnedRecord
 
 __all__ = [
@@ -58,7 +58,6 @@ __all__ = [
     "LearnedState",
     "RateInfo",
     "RateLearner",
-    "has_auto_rates",
 ]
 
 SAFE_QPS = 1.0  # the pace before anything is known: one request per second
@@ -93,7 +92,10 @@ class RateInfo(Protocol):
 
 
 class LearnedStore(Protocol):
-    """The lane's store of the learned record (``LaneLimiter.learned``)."""
+    """The lane's store of the learned record (``LaneLimiter.learned``), and how far ahead its
+    callers may reserve a start (``LaneLimiter.reserve_horizon_s``)."""
+
+    reserve_horizon_s: float | None
 
     def learned(self, expected_version: int, data: str = "", min_age_ms: int = 0) -> LearnedRecord | None: ...
 
@@ -149,7 +151,8 @@ class RateLearner:
     Args:
         name: the lane.
         configured: the lane's ProviderConfig, with "auto" in some of qps, rpm, tpm.
-        store: where the learned record lives (the lane's limiter).
+        store: where the learned record lives (the lane's limiter); its callers reserve a start
+            at most ``RESERVE_HORIZON_S`` ahead from now on.
         shared: the store is shared with other processes (re-read it every ``REFRESH_S``).
         apply: takes the concrete ProviderConfig whenever a learned value changes.
         on_learned: ``LaneMetrics.on_learned(limit, value, source, reason)``.
@@ -164,6 +167,7 @@ class RateLearner:
         self.configured = configured
         self.auto = configured.auto_rates
         self._store = store
+        store.reserve_horizon_s = RESERVE_HORIZON_S
         self._shared = shared
         self._apply = apply
         self._on_learned = on_learned
@@ -177,7 +181,6 @@ class RateLearner:
         self._window_start_s = clock()  # guarded by _lock: this interval's start counts
         self._starts = 0
         self._bound = 0
-        self._last_increase_s = clock()
         self._last_decrease_s = -math.inf
         self._last_read_s = -math.inf
         self._reading = False  # guarded by _lock: one thread at a time re-reads the store
@@ -245,6 +248,7 @@ class RateLearner:
         self._apply_lock = threading.Lock()
         self._reading = False
         self._store = store
+        store.reserve_horizon_s = RESERVE_HORIZON_S
 
     # -- events from the runner --------------------------------------------------------------------
     def on_start(self, waited_s: float) -> int:
@@ -359,9 +363,7 @@ class RateLearner:
                 return
             source = "headers" if state.header_rate_s is not None and new >= cap else "probe"
             state = dataclasses.replace(state, rate_s=new, source=source, decreases_in_row=0)
-        if self._write(version, state, int(INTERVAL_S * 1000), f"no 429 for {INTERVAL_S:g}s, {how}"):
-            with self._lock:
-                self._last_increase_s = now
+        self._write(version, state, int(INTERVAL_S * 1000), f"no 429 for {INTERVAL_S:g}s, {how}")
 
     # -- the store -----------------------------------------------------------------------------------
     def _write(self, expected: int, state: LearnedState, min_age_ms: int, reason: str) -> bool:
@@ -441,7 +443,3 @@ class RateLearner:
                 self._shown[limit] = shown
                 self._on_learned(limit, shown[0], shown[1], reason)
 
-
-def has_auto_rates(cfg: ProviderConfig) -> bool:
-    """True when any of the lane's QPS, RPM, TPM is ``auto``."""
-    return any(getattr(cfg, name) == AUTO for name in ("qps", "rpm", "tpm"))

@@ -45,6 +45,8 @@ class Clock:
 class StoreOf:
     """A MemoryBackend seen as the learner's store (``LaneLimiter.learned``'s signature)."""
 
+    reserve_horizon_s: float | None = None
+
     def __init__(self, backend: MemoryBackend) -> None:
         self.backend = backend
         self.calls = 0
