@@ -13,6 +13,9 @@ from llm_executor.limits import LaneLimiter, make_lane_limiter
 
 
 def lane(url: str, namespace: str, **limits: Any) -> LaneLimiter:
+    # A start is stamped after its token; on two busy cores that can be >20 ms late (the default
+    # window margin), so the observer would see one window too many. 60 ms covers it.
+    limits.setdefault("window_margin_ms", 60)
     pcfg = ProviderConfig(**limits)
     ecfg = ExecutorConfig(providers={"openai": pcfg}, rate_backend=url, namespace=namespace,
                           backend_failure="local")
