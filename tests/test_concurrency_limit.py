@@ -48,9 +48,17 @@ def test_flat_latency_grows_to_the_ceiling_and_never_past_it() -> None:
     assert limit.value == INITIAL_LIMIT
     seen = drive(limit, clock, lambda n: L, 60)
     assert max(seen) == 32 and limit.value == 32
-    # Slow start: from 1 to 32 in 10 windows (the first two of 5 one-at-a-time calls each), not
-    # 31 additive steps of up to 32 calls each.
-    assert seen.index(32) <= 30
+    # Slow start: from 1 to 32 in 8 rounds (the first three one call at a time), not 31
+    # additive steps of up to 32 calls each.
+    assert seen.index(32) <= 8
+
+
+def test_the_cold_start_reaches_8_in_six_call_times() -> None:
+    """Three one-at-a-time calls measure the unloaded latency; then one round per doubling."""
+    clock = Clock()
+    limit = GradientLimit(32, clock=clock)
+    assert drive(limit, clock, lambda n: L, 7) == [1, 1, 1, 2, 4, 8, 16]
+    assert limit.baseline_s == pytest.approx(L)
 
 
 def test_latency_rising_past_a_capacity_settles_at_it() -> None:
@@ -148,8 +156,8 @@ def test_only_a_change_of_the_integer_value_is_reported() -> None:
     """The lane logs one INFO line per reported change: the float moves every window, the cap less often."""
     clock = Clock()
     limit = GradientLimit(32, clock=clock)
-    drive(limit, clock, lambda n: L, 1)  # the unloaded reference: 5 one-at-a-time calls
-    drive(limit, clock, lambda n: L, 4)
+    drive(limit, clock, lambda n: L, 3)  # the unloaded reference: 3 one-at-a-time calls
+    drive(limit, clock, lambda n: L, 2)
     limit.slow_start = False
     limit.limit = 10.9
     clock.now += 1.0

@@ -11,8 +11,9 @@ LLM calls (seconds long, few per second):
   window ran at most one call at a time), not Gradient2's long-term average: a long average
   follows the loaded latency upward, so the limit would creep past the knee.
 * Updates happen once per *window*: a window closes when it holds ``max(5, limit)`` samples of
-  attempts that *started after the window opened*, so each decision sees the latency of the limit
-  it set (one update per round trip, as TCP does), never the tail of the previous one.
+  attempts that *started after the window opened* (3 for the first, the unloaded reference;
+  ``max(2, limit)`` in slow start: one round at the limit), so each decision sees the latency of the limit it
+  set (one update per round trip, as TCP does), never the tail of the previous one.
 
 Per window, with ``ratio = window median / baseline``:
 
@@ -52,7 +53,7 @@ __all__ = [
 DEFAULT_CEILING = DEFAULT_PARALLEL_CEILING
 # Where a learned MAX_PARALLEL starts: one call at a time is safe for any server, and its first
 # window measures the true unloaded latency (a start above a capacity of 1 would take the loaded
-# latency as its baseline and never see the knee). Slow start reaches 8 in three windows.
+# latency as its baseline and never see the knee). Slow start then reaches 8 in three call times.
 INITIAL_LIMIT = 1
 # A window median up to this much above the baseline counts as flat: absorbs jitter, and sets
 # how far past the knee the limit may stand (TOLERANCE * capacity).
@@ -63,6 +64,12 @@ DROP_FACTOR = 0.7
 SLOW_START_FACTOR = 2.0
 # The fewest samples a window needs (a median of fewer is noise).
 MIN_WINDOW_SAMPLES = 5
+# The first window's calls (one at a time): the unloaded reference. Few, because they run at a
+# twentieth of a capacity's throughput; the baseline is still refined by every later window
+# whose median is lower, and re-measured whenever a window runs one call at a time.
+BASELINE_SAMPLES = 3
+# The fewest samples of a slow-start window, once the baseline is known: one round at the limit.
+SLOW_START_MIN_SAMPLES = 2
 # The largest decrease per window from latency alone (Gradient2's floor of the gradient).
 MIN_GRADIENT = 0.5
 
@@ -126,9 +133,24 @@ class GradientLimit:
             return self._changed(before)
         self._window.append(latency_s)
         self._window_max_in_flight = max(self._window_max_in_flight, in_flight)
-        if len(self._window) >= max(MIN_WINDOW_SAMPLES, math.ceil(self.limit)):
+        if len(self._window) >= self._window_size():
             self._close_window(now)
         return self._changed(before)
+
+    def _window_size(self) -> int:
+        """Samples that close the current window.
+
+        The first window, one call at a time, is the unloaded reference: ``BASELINE_SAMPLES``
+        calls. A slow-start window closes after one round at its limit, so the ramp doubles once
+        per call time, as TCP's does per round trip; a noisy median of so few samples only ends
+        slow start early (additive growth from there). Every later window needs
+        ``MIN_WINDOW_SAMPLES``. The cold start to 8 thus takes 3 + 1 + 1 + 1 call times, not ~13.
+        """
+        if self.baseline_s is None:
+            return BASELINE_SAMPLES
+        if self.slow_start:
+            return max(SLOW_START_MIN_SAMPLES, math.ceil(self.limit))
+        return max(MIN_WINDOW_SAMPLES, math.ceil(self.limit))
 
     def _close_window(self, now: float) -> None:
         samples = sorted(self._window)
