@@ -181,7 +181,10 @@ class Engine:
             lane = choose_auto(self.lanes.values(), request, schema)
             model = model_for(lane, request)
         else:
-            lane = self.lane(request.provider)
+            named = self.lanes.get(request.provider)
+            if named is None:
+                raise UnknownProviderError(request.provider, list(self.lanes))
+            lane = named
             model = request.model or lane.pcfg.model or ""
             if not model and lane.builtin:
                 raise InvalidRequestError(

@@ -106,6 +106,7 @@ class Lane:
             self.metrics.on_learned("max_parallel", self.max_parallel, "configured",
                                     f"MAX_PARALLEL=auto, ceiling {pcfg.max_parallel_ceiling}")
         self.clock = clock
+        self._remove = self.remove  # every queued request's ``dequeue``: one bound method, not one each
         self._reset_threading()
         self.submitted = 0  # guarded by lock; requests accepted from callers
         self.received = 0  # guarded by lock; requests handed over by another lane (fallbacks)
@@ -213,7 +214,7 @@ class Lane:
         key = request.submit_s - request.request.priority * self.aging_s
         request.owner = self
         request.heap_state = QUEUED
-        request.dequeue = self.remove
+        request.dequeue = self._remove
         heapq.heappush(self.heap, (key, seq, request))
         self.pending += 1
         if self.idle > self.wakeups:

@@ -168,9 +168,10 @@ class LLMFuture(Future[LLMResponse]):
         # Memory per queued request (target ≤ 2 KB): the Condition's waiter deque preallocates a
         # 64-slot block (~760 B) that almost no Future ever uses. Condition only appends to,
         # indexes [0] and removes from _waiters, which a list does as well at 56 B.
-        waiters = getattr(self._condition, "_waiters", None)
-        if isinstance(waiters, deque) and not waiters:
-            self._condition._waiters = []  # type: ignore[attr-defined]
+        condition = self._condition
+        waiters = getattr(condition, "_waiters", None)
+        if type(waiters) is deque and not waiters:
+            condition._waiters = []  # type: ignore[attr-defined]
 
     def cancel(self) -> bool:
         """Cancel the request if it has not started (then the provider never sees it).
