@@ -510,3 +510,41 @@ def test_queue_full_estimate_follows_the_measured_call_time() -> None:
         mean_s = lane.metrics.mean_latency_s()
         assert mean_s is not None and mean_s < 0.05
         assert lane.retry_after_estimate_s() == pytest.approx(max(0.05, mean_s / 2), abs=1e-3)
+
+
+def test_llm_future_lean_condition_behaves_as_the_stock_one() -> None:
+    """An LLMFuture builds its Condition without the five bound lock methods of the stock one
+    (fewer objects for the GC per request): timed waits, wake-ups, ``wait()``/``as_completed()``
+    (which acquire and release it) and reentrancy behave as the stock Future's."""
+    import concurrent.futures as cf
+
+    from llm_executor.lifecycle import request as request_module
+    from llm_executor.metrics import LaneMetrics
+
+    assert request_module._LEAN_FUTURES  # this Python's Future is built as LLMFuture expects
+    entry = request_module.Request(req("fake"), "id", "m", "fake", LaneMetrics("fake", 1, None), None, 0.0, None,
+                                   False)
+    future = entry.future
+    assert set(vars(future)) == set(vars(Future())) | {"_request"}
+    assert set(vars(future._condition)) == {"_lock", "_waiters"}
+    with pytest.raises(TimeoutError):
+        future.result(timeout=0.01)  # wait(): _is_owned, _release_save, _acquire_restore
+    assert cf.wait([future], timeout=0.01).not_done == {future}
+    with future._condition:
+        with future._condition:  # reentrant, as the stock RLock
+            taken = []
+            other = threading.Thread(target=lambda: taken.append(future._condition.acquire(False)))
+            other.start()
+            other.join(5)
+            assert taken == [False]
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(future.result(timeout=5)))
+    waiter.start()
+    assert wait_for(lambda: future._condition._waiters)
+    assert future.set_running_or_notify_cancel()
+    response = LLMResponse("ok", "fake", "m", "stop", None)
+    future.set_result(response)
+    waiter.join(5)
+    assert got == [response]
+    assert list(cf.as_completed([future], timeout=1)) == [future]
+    assert cf.wait([future], timeout=0).done == {future}
