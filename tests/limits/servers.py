@@ -203,20 +203,37 @@ class RedisClusterNodes:
                 raise RuntimeError("the test cluster did not reach cluster_state:ok")
             time.sleep(0.05)
 
-    def master_of(self, key: str) -> RedisServer:
-        """The node that serves ``key``'s slot now."""
-        alive = next(n for n in self.nodes if n.proc is not None and n.proc.poll() is None)
-        slot = int(self.cli_call(alive.port, "cluster", "keyslot", key).strip())
-        for line in self.cli_call(alive.port, "cluster", "nodes").splitlines():
+    def master_of(self, key: str, other_than: RedisServer | None = None, timeout_s: float = 10.0) -> RedisServer:
+        """The node that serves ``key``'s slot now, in the view of the running nodes.
+
+        Right after a failover one node's view may still lack the promotion (it travels by
+        gossip): the old master is flagged as failed and the new one not yet a master there. So
+        every running node is asked, until one names a master (other than ``other_than``: the
+        caller waits for the slot to move) or ``timeout_s`` passes.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            alive = [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+            slot = int(self.cli_call(alive[0].port, "cluster", "keyslot", key).strip())
+            for node in alive:
+                found = self._master_in_view(node.port, slot)
+                if found is not None and found is not other_than:
+                    return found
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no master serves the slot of {key!r} in any node's view after {timeout_s}s")
+            time.sleep(0.05)
+
+    def _master_in_view(self, port: int, slot: int) -> RedisServer | None:
+        for line in self.cli_call(port, "cluster", "nodes").splitlines():
             fields = line.split()
-            if "master" not in fields[2] or "fail" in fields[2]:
+            if len(fields) < 3 or "master" not in fields[2] or "fail" in fields[2]:
                 continue
             for span in fields[8:]:
                 lo, _, hi = span.partition("-")
                 if lo.isdigit() and int(lo) <= slot <= int(hi or lo):
-                    port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
-                    return next(n for n in self.nodes if n.port == port)
-        raise RuntimeError(f"no master serves the slot of {key!r}")
+                    served = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+                    return next((n for n in self.nodes if n.port == served), None)
+        return None
 
     def stop(self) -> None:
         for node in self.nodes:
