@@ -184,33 +184,60 @@ def run_batch(
         done_ids |= journal_ids
     to_run = _plan(src, done_ids, summary)
 
+    # One record per result line, appended *before* its line is written: a Ctrl-C can land
+    # between any two statements, so the summary is folded from these at the end, and after an
+    # interrupt cut to the lines the output really holds (a record whose write never ran is
+    # dropped). Counting after each write instead could miss the line written last.
+    records: list[tuple[str, bool, tuple[int, str] | None]] = []
+    start_size = dst.stat().st_size if dst.exists() else 0
     with _Writer(dst, journal) as writer:
         def on_result(index: int, task: _Line, response: LLMResponse | None, error: TaskError | None) -> None:
             if error is not None:
-                writer.write(_error_line(task.id, error.error_type, error.message))
-                provider = _provider_of(error, task)
-                summary.failed += 1
-                if error.error_type in _BAD_REQUEST_ERRORS:
-                    summary.bad_lines.append((task.line_no, f"id {task.id!r}: {error.message}"))
+                bad = ((task.line_no, f"id {task.id!r}: {error.message}")
+                       if error.error_type in _BAD_REQUEST_ERRORS else None)
+                line = _error_line(task.id, error.error_type, error.message)
+                records.append((_provider_of(error, task), False, bad))
             else:
                 assert response is not None
-                writer.write(_ok_line(task.id, response))
-                provider = response.provider
-                summary.succeeded += 1
-            summary.done += 1
-            counts = summary.per_provider.setdefault(provider, {"ok": 0, "failed": 0})
-            counts["ok" if error is None else "failed"] += 1
+                line = _ok_line(task.id, response)
+                records.append((response.provider, True, None))
+            writer.write(line)
 
         try:
             fan_out(executor, _tasks(src, to_run), _make_request, on_result=on_result,
                     progress="run" if progress else None, total=len(to_run), keep_results=False)
         except FanOutInterrupted:
             summary.interrupted = True
+    if summary.interrupted:
+        del records[_lines_after(dst, start_size):]
+    _fold(records, summary)
     summary.bad_lines.sort()
     summary.elapsed_s = time.monotonic() - t0
     if summary.interrupted:
         raise BatchInterrupted(summary) from None
     return summary
+
+
+def _lines_after(path: Path, offset: int) -> int:
+    """Complete lines in ``path`` past byte ``offset`` (what this run wrote)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+def _fold(records: list[tuple[str, bool, tuple[int, str] | None]], summary: BatchSummary) -> None:
+    """Count this run's result lines into ``summary``."""
+    for provider, ok, bad in records:
+        counts = summary.per_provider.setdefault(provider, {"ok": 0, "failed": 0})
+        if ok:
+            summary.succeeded += 1
+            counts["ok"] += 1
+        else:
+            summary.failed += 1
+            counts["failed"] += 1
+            if bad is not None:
+                summary.bad_lines.append(bad)
+    summary.done = summary.succeeded + summary.failed
 
 
 def _recover(path: Path) -> tuple[set[str], int]:

@@ -99,6 +99,39 @@ def test_bad_lines_are_reported_with_line_numbers_and_the_rest_runs(tmp_path: Pa
     assert "line 2: invalid JSON" in summary.format_table()
 
 
+@pytest.mark.parametrize("after_write", [True, False], ids=["after-the-write", "before-the-write"])
+def test_a_ctrl_c_next_to_a_write_leaves_the_summary_equal_to_the_output(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, after_write: bool) -> None:
+    """A Ctrl-C lands between two statements: right after a result line is written (the
+    summary must count it) or right before (it must not). CI saw done=11 with 12 lines."""
+    from llm_executor import batch
+
+    src = write_input(tmp_path / "in.jsonl",
+                      [{"id": f"r{i}", "prompt": f"p{i}", "provider": "fake", "model": "m"} for i in range(30)])
+    out = tmp_path / "out.jsonl"
+    original = batch._Writer.write
+    calls = {"n": 0}
+
+    def write(self: Any, obj: dict[str, Any]) -> None:
+        calls["n"] += 1
+        if calls["n"] == 5 and not after_write:
+            raise KeyboardInterrupt
+        original(self, obj)
+        if calls["n"] == 5 and after_write:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch._Writer, "write", write)
+    with executor(fake=FakeProvider(caps=CAPS)) as ex:
+        with pytest.raises(BatchInterrupted) as info:
+            run_batch(ex, src, out, progress=False)
+    summary = info.value.summary
+    lines = read_output(out)
+    assert len(lines) == (5 if after_write else 4)
+    assert summary.done == summary.succeeded == len(lines)
+    assert summary.per_provider == {"fake": {"ok": len(lines), "failed": 0}}
+    assert summary.remaining == 30 - len(lines)
+
+
 def test_ctrl_c_then_rerun_completes_with_every_id_exactly_once(tmp_path: Path) -> None:
     src = write_input(tmp_path / "in.jsonl",
                       [{"id": f"r{i}", "prompt": f"p{i}", "provider": "fake", "model": "m"} for i in range(60)])
