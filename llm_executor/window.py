@@ -46,12 +46,13 @@ Q_contra = TypeVar("Q_contra", contravariant=True)
 # for, look again at least this often.
 _MAX_NAP_S = 0.5
 _DEFAULT_NAP_S = 0.05  # a QueueFullError without a hint
-# The longest single wait for an outcome. A Ctrl-C whose signal lands after the main thread has
-# let go of the GIL but before it blocks in the lock's wait is only seen when that wait ends
-# (CPython checks for signals on EINTR, and the signal has come and gone): an unbounded wait
-# could hold the KeyboardInterrupt until the next request finishes, minutes later. Seen under
-# load: 10 s late, so a request that should have been cancelled started.
-_WAKE_S = 0.25
+# The longest single wait for an outcome (here and in ``LLMFuture.result``). A Ctrl-C whose
+# signal lands after the main thread has let go of the GIL but before it blocks in the lock's
+# wait is only seen when that wait ends (CPython checks for signals on EINTR, and the signal has
+# come and gone): an unbounded wait could hold the KeyboardInterrupt until the next request
+# finishes, minutes later. Seen under load: 10 s late, so a request that should have been
+# cancelled started.
+WAKE_S = 0.25
 
 
 class Submit(Protocol[Q_contra, R]):
@@ -304,7 +305,7 @@ class SubmissionWindow(Generic[T, Q, R]):
     def _harvest(self, ordered: bool, hint_s: float | None) -> list[Settled[T, R]]:
         """Wait for outcomes (bounded by the deadline, and by ``hint_s`` when a request is held)."""
         remaining = self._remaining_s()
-        wait_s = _WAKE_S if remaining is None else min(max(0.0, remaining), _WAKE_S)
+        wait_s = WAKE_S if remaining is None else min(max(0.0, remaining), WAKE_S)
         if hint_s is not None:
             wait_s = min(hint_s, _MAX_NAP_S, wait_s)
         if not self._outstanding:  # nothing of ours can free room: someone else's requests must

@@ -548,3 +548,27 @@ def test_llm_future_lean_condition_behaves_as_the_stock_one() -> None:
     assert got == [response]
     assert list(cf.as_completed([future], timeout=1)) == [future]
     assert cf.wait([future], timeout=0).done == {future}
+
+
+def test_result_without_timeout_waits_in_slices_so_a_ctrl_c_is_seen(gate: GateProvider) -> None:
+    """A SIGINT landing between the GIL release and the blocking wait is only handled when the
+    wait ends: ``LLMFuture.result()``/``exception()`` never wait longer than ``WAKE_S`` at once."""
+    from llm_executor.window import WAKE_S
+
+    with Executor(ExecutorConfig(providers={"gate": ProviderConfig(max_parallel=1)}), {"gate": gate}) as ex:
+        future = ex.submit(req("gate"))
+        gate.wait_started()
+        condition = future._condition  # type: ignore[attr-defined]
+        timeouts: list[float | None] = []
+        plain_wait = condition.wait
+
+        def wait(timeout: float | None = None) -> bool:
+            timeouts.append(timeout)
+            if len(timeouts) == 2:
+                gate.gate.set()  # answer while result() waits
+            return plain_wait(timeout)
+
+        condition.wait = wait
+        assert future.result().text
+        assert future.exception() is None
+        assert len(timeouts) >= 2 and set(timeouts) == {WAKE_S}

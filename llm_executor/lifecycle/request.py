@@ -18,7 +18,7 @@ Two gates, as in ``concurrent.futures``:
 runs the done-callbacks, so a callback that resubmits finds the room it just made (issue 10).
 The request reaches its lane only through ``dequeue``, a callback the lane sets when it queues
 the request: this module imports neither the lane nor the runner.
-Imports: ``types``, ``errors``, ``metrics``.
+Imports: ``types``, ``errors``, ``metrics``, ``window`` (its ``WAKE_S``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from typing import Any
 
 from ..metrics import LaneMetrics
 from ..types import LLMRequest, LLMResponse
+from ..window import WAKE_S
 
 __all__ = ["QUEUED", "REMOVED", "TAKEN", "LLMFuture", "Request", "log_finish"]
 
@@ -217,6 +218,9 @@ def _lean_futures_fit() -> bool:
 _LEAN_FUTURES = _lean_futures_fit()
 
 
+_DONE = frozenset((FINISHED, CANCELLED, CANCELLED_AND_NOTIFIED))
+
+
 class LLMFuture(Future[LLMResponse]):
     """A Future whose ``cancel()`` frees the request's queue slot before running callbacks."""
 
@@ -238,6 +242,24 @@ class LLMFuture(Future[LLMResponse]):
             if type(waiters) is deque and not waiters:
                 condition._waiters = []  # type: ignore[attr-defined]
         self._request = request
+
+    def result(self, timeout: float | None = None) -> LLMResponse:
+        """As ``Future.result``; without a timeout it waits in ``WAKE_S`` slices, so a Ctrl-C
+        is seen at once (see ``window.WAKE_S``), not when the request ends."""
+        if timeout is None and self._state not in _DONE:
+            self._wait_done()
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """As ``Future.exception``, waiting as ``result`` does."""
+        if timeout is None and self._state not in _DONE:
+            self._wait_done()
+        return super().exception(timeout)
+
+    def _wait_done(self) -> None:
+        with self._condition:
+            while self._state not in _DONE:
+                self._condition.wait(WAKE_S)
 
     def cancel(self) -> bool:
         """Cancel the request if it has not started (then the provider never sees it).
