@@ -1,9 +1,13 @@
 """Per-lane counters, latency statistics and the limit auditor; optional Prometheus export.
 
-``LaneMetrics`` is written by the executor under its own lock (never a provider call inside)
-and read as an immutable ``ProviderStats`` snapshot. The auditor keeps what the limits promise
-checkable from outside: the maximum requests in flight ever observed and the maximum number of
-attempt starts in any sliding 1 s window.
+``LaneMetrics`` is written by the executor (never a provider call inside) and read as an
+immutable ``ProviderStats`` snapshot. What every attempt writes takes no shared lock: each worker
+thread counts into its own ``_Tally`` (summed by ``snapshot``), in-flight calls are a list's length
+and attempt starts a deque (``append``/``pop`` are atomic). A lock shared by the workers and
+taken per attempt convoys under the GIL (see ``lifecycle.lane``); rare events (failures,
+cancels, fallbacks, learned limits, TPM reservations) still take the lane's metrics lock.
+The auditor keeps what the limits promise checkable from outside: the maximum requests in
+flight ever observed and the maximum number of attempt starts in any sliding 1 s window.
 Imports: stdlib only (prometheus-client lazily, in ``PrometheusExporter``).
 """
 
@@ -222,8 +226,35 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[idx]
 
 
+class _Tally:
+    """One thread's share of a lane's per-attempt counters, written by that thread alone."""
+
+    __slots__ = ("attempts", "completed", "completion_tokens", "latency_n", "latency_sum_ms", "prompt_tokens",
+                 "queue_n", "queue_sum_ms", "retries", "thread", "tokens")
+
+    def __init__(self, thread: threading.Thread | None) -> None:
+        self.thread = thread
+        self.attempts = self.retries = self.completed = self.latency_n = self.queue_n = 0
+        self.prompt_tokens = self.completion_tokens = self.tokens = 0
+        self.latency_sum_ms = self.queue_sum_ms = 0.0
+
+    def add(self, other: _Tally) -> None:
+        for name in _TALLY_COUNTS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+_TALLY_COUNTS = tuple(name for name in _Tally.__slots__ if name != "thread")
+
+
 class LaneMetrics:
-    """Mutable counters of one lane; every method is cheap and thread-safe."""
+    """Mutable counters of one lane; every method is cheap and thread-safe.
+
+    Per-attempt counters live in one ``_Tally`` per worker thread (no lock on the request path);
+    a tally whose thread ended is folded into ``_retired`` when the next thread's tally is made,
+    so there are never more tallies than live threads that made attempts. ``max_in_flight`` and
+    ``max_starts_1s`` are observed without a lock: a start racing another may be missed by one
+    (a peak reported low), never counted twice (a peak is never reported above what happened).
+    """
 
     def __init__(self, name: str, max_parallel: int, qps: float | None,
                  clock_s: Callable[[], float] = time.monotonic) -> None:
@@ -232,32 +263,65 @@ class LaneMetrics:
         self.qps = qps
         self._clock_s = clock_s
         self._lock = threading.Lock()
-        self.completed = 0
         self.failed: Counter[str] = Counter()
         self.cancelled = 0
-        self.attempts = 0
-        self.retries = 0
         self.fallbacks = 0
-        self.latency_sum_ms = 0.0
-        self.latency_n = 0
         self.recent_ms: deque[float] = deque(maxlen=_RECENT)
-        self.queue_sum_ms = 0.0
-        self.queue_n = 0
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.tokens = 0
-        self.in_flight = 0
         self.max_in_flight = 0
-        self._starts: deque[float] = deque()
         self.max_starts_1s = 0
         self.tpm_reserved = 0
         self.learned: dict[str, LearnedLimit] = {}
         self.listeners: list[Callable[[str, str, float | None], None]] = []
+        self._reset_threading()
+
+    def _reset_threading(self) -> None:
+        self._local = threading.local()
+        self._tallies: list[_Tally] = []  # guarded by _lock: one per live thread that counted
+        self._retired = _Tally(None)  # guarded by _lock: the counts of threads that ended
+        self._flight: list[None] = []  # one entry per provider call running
+        self._starts: deque[float] = deque()  # attempt starts of the last second
+        self._trim_lock = threading.Lock()  # taken without blocking: one trimmer at a time
+
+    @property
+    def in_flight(self) -> int:
+        """Provider calls running now."""
+        return len(self._flight)
+
+    def _tally(self) -> _Tally:
+        """The calling thread's tally (made, and registered, on its first count)."""
+        try:
+            return self._local.tally  # type: ignore[no-any-return]
+        except AttributeError:
+            pass
+        tally = _Tally(threading.current_thread())
+        with self._lock:
+            live = []
+            for other in self._tallies:
+                if other.thread is not None and other.thread.is_alive():
+                    live.append(other)
+                else:
+                    self._retired.add(other)
+            live.append(tally)
+            self._tallies = live
+        self._local.tally = tally
+        return tally
+
+    def _totals(self) -> _Tally:
+        """Every thread's counts added up (caller holds ``_lock``)."""
+        total = _Tally(None)
+        total.add(self._retired)
+        for tally in self._tallies:
+            total.add(tally)
+        return total
 
     def after_fork(self) -> None:
-        """In a forked child: a fresh lock, and no calls in flight (they were the parent's)."""
+        """In a forked child: fresh locks, and no calls in flight (they were the parent's)."""
         self._lock = threading.Lock()
-        self.in_flight = 0
+        retired = self._retired
+        for tally in self._tallies:
+            retired.add(tally)
+        self._reset_threading()
+        self._retired = retired
         self.tpm_reserved = 0
 
     def _notify(self, outcome: str, latency_ms: float | None) -> None:
@@ -300,44 +364,62 @@ class LaneMetrics:
 
     def on_attempt_start(self, is_retry: bool, queue_ms: float | None = None) -> None:
         """An attempt starts; ``queue_ms`` is given on a request's first attempt."""
+        try:
+            tally = self._local.tally
+        except AttributeError:
+            tally = self._tally()
+        if queue_ms is not None:
+            tally.queue_sum_ms += queue_ms
+            tally.queue_n += 1
+        tally.attempts += 1
+        if is_retry:
+            tally.retries += 1
+        flight = self._flight
+        flight.append(None)
+        in_flight = len(flight)  # exact at this instant, this call included
+        if in_flight > self.max_in_flight:
+            self.max_in_flight = in_flight
         now = self._clock_s()
-        with self._lock:
-            if queue_ms is not None:
-                self.queue_sum_ms += queue_ms
-                self.queue_n += 1
-            self.attempts += 1
-            if is_retry:
-                self.retries += 1
-            self.in_flight += 1
-            if self.in_flight > self.max_in_flight:
-                self.max_in_flight = self.in_flight
-            starts = self._starts
-            starts.append(now)
-            horizon = now - 1.0
-            while starts[0] <= horizon:
-                starts.popleft()
-            if len(starts) > self.max_starts_1s:
-                self.max_starts_1s = len(starts)
+        starts = self._starts
+        starts.append(now)
+        trim = self._trim_lock
+        if trim.acquire(False):  # never waits: the thread holding it counts this start too
+            try:
+                horizon = now - 1.0
+                while starts[0] <= horizon:
+                    starts.popleft()
+                if len(starts) > self.max_starts_1s:
+                    self.max_starts_1s = len(starts)
+            finally:
+                trim.release()
 
     def on_attempt_end(self, prompt_tokens: int | None, completion_tokens: int | None,
                        total_tokens: int | None) -> None:
-        with self._lock:
-            self.in_flight -= 1
-            if prompt_tokens:
-                self.prompt_tokens += prompt_tokens
-            if completion_tokens:
-                self.completion_tokens += completion_tokens
-            if total_tokens:
-                self.tokens += total_tokens
-            elif prompt_tokens or completion_tokens:
-                self.tokens += (prompt_tokens or 0) + (completion_tokens or 0)
+        self._flight.pop()
+        if not (prompt_tokens or completion_tokens or total_tokens):
+            return
+        try:
+            tally = self._local.tally
+        except AttributeError:
+            tally = self._tally()
+        if prompt_tokens:
+            tally.prompt_tokens += prompt_tokens
+        if completion_tokens:
+            tally.completion_tokens += completion_tokens
+        if total_tokens:
+            tally.tokens += total_tokens
+        else:
+            tally.tokens += (prompt_tokens or 0) + (completion_tokens or 0)
 
     def on_success(self, latency_ms: float) -> None:
-        with self._lock:
-            self.completed += 1
-            self.latency_sum_ms += latency_ms
-            self.latency_n += 1
-            self.recent_ms.append(latency_ms)
+        try:
+            tally = self._local.tally
+        except AttributeError:
+            tally = self._tally()
+        tally.completed += 1
+        tally.latency_sum_ms += latency_ms
+        tally.latency_n += 1
+        self.recent_ms.append(latency_ms)
         if self.listeners:
             self._notify("ok", latency_ms)
 
@@ -361,11 +443,13 @@ class LaneMetrics:
     def mean_latency_s(self) -> float | None:
         """Mean provider time of successful attempts, seconds (None before the first)."""
         with self._lock:
-            return self.latency_sum_ms / self.latency_n / 1000.0 if self.latency_n else None
+            total = self._totals()
+        return total.latency_sum_ms / total.latency_n / 1000.0 if total.latency_n else None
 
     def snapshot(self, queued: int, submitted: int, paused_until: float | None,
                  fallbacks_in: int = 0) -> ProviderStats:
         with self._lock:
+            total = self._totals()
             recent = sorted(self.recent_ms)
             failed = dict(self.failed)
             return ProviderStats(
@@ -373,20 +457,20 @@ class LaneMetrics:
                 queued=queued,
                 in_flight=self.in_flight,
                 submitted=submitted,
-                completed=self.completed,
+                completed=total.completed,
                 failed=sum(failed.values()),
                 failed_by_error=failed,
                 cancelled=self.cancelled,
-                attempts=self.attempts,
-                retries=self.retries,
+                attempts=total.attempts,
+                retries=total.retries,
                 fallbacks=self.fallbacks,
-                latency_ms_mean=self.latency_sum_ms / self.latency_n if self.latency_n else None,
+                latency_ms_mean=total.latency_sum_ms / total.latency_n if total.latency_n else None,
                 latency_ms_p50=_percentile(recent, 0.50) if recent else None,
                 latency_ms_p95=_percentile(recent, 0.95) if recent else None,
-                queue_ms_mean=self.queue_sum_ms / self.queue_n if self.queue_n else None,
-                prompt_tokens=self.prompt_tokens,
-                completion_tokens=self.completion_tokens,
-                tokens=self.tokens,
+                queue_ms_mean=total.queue_sum_ms / total.queue_n if total.queue_n else None,
+                prompt_tokens=total.prompt_tokens,
+                completion_tokens=total.completion_tokens,
+                tokens=total.tokens,
                 max_in_flight=self.max_in_flight,
                 max_starts_1s=self.max_starts_1s,
                 max_parallel=self.max_parallel,

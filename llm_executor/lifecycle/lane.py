@@ -18,6 +18,17 @@ none starts past it; a higher value starts loops for requests already waiting.
 
 Idle loops linger on a SimpleQueue (cheap to wake) for new work before giving their thread back:
 a steady stream of requests then never pays a pool.submit() per request.
+
+A busy worker takes its next request without the lane's lock (issue 10, overhead). Under the
+GIL a Python lock shared by threads that take it per request convoys: a thread preempted while
+holding it leaves the others to block, and each blocked one then owns the lock while it waits
+for the GIL, so every later acquisition blocks too (1-2 context switches per request, half the
+executor's overhead in ``scripts/bench.py``). So the queue is a heap plus a dict of the requests
+queued here: ``heappop`` and ``dict.pop`` are single C calls, atomic under the GIL, and whoever
+pops a request from the dict (a worker, a cancel, the reaper, a cancelling shutdown) owns it.
+Everything else — pushes, admission, worker accounting, the idle/leave decision — stays under
+the lock, and a loop decides to idle or leave only under it, after looking at the heap again, so
+no push can be missed. A free-threaded build (no GIL) takes the lock for the pop as well.
 Imports: ``config``, ``errors``, ``metrics``, ``limits``, ``retry``, ``providers.protocol``, ``.request``.
 """
 
@@ -26,6 +37,7 @@ from __future__ import annotations
 import heapq
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -38,7 +50,7 @@ from ..limits.concurrency import GradientLimit
 from ..metrics import LaneMetrics
 from ..providers.protocol import Provider
 from ..types import Capabilities
-from .request import QUEUED, REMOVED, TAKEN, Request
+from .request import Request
 
 if TYPE_CHECKING:
     from ..limits import LaneLimiter
@@ -53,6 +65,9 @@ log = logging.getLogger("llm_executor")
 LINGER_S = 0.05
 # Before the first response, how long one provider call is assumed to take (for estimates).
 _ASSUMED_CALL_S = 0.5
+# heappop and dict.pop are atomic only under the GIL: a free-threaded build pops under the lock.
+_GIL = bool(getattr(sys, "_is_gil_enabled", lambda: True)())
+_heappop, _heappush = heapq.heappop, heapq.heappush
 
 
 class RoomWatcher(Protocol):
@@ -132,8 +147,11 @@ class Lane:
                                        thread_name_prefix=f"llm-executor-{self.name}")
         self.lock = threading.Lock()
         self.not_full = threading.Condition(self.lock)
+        # The queue: heap entries (key, seq, request), possibly stale (a request removed or taken
+        # stays until popped), and the requests queued here now, whose dict.pop decides who owns
+        # one. Pushes and clears happen under lock; a busy worker pops without it (module doc).
         self.heap: list[tuple[float, int, Request]] = []
-        self.pending = 0  # requests QUEUED in the heap (admission bounds it)
+        self._queued: dict[Request, bool] = {}
         self.active = 0  # worker loops running (each counted by its own thread)
         self.scheduled = 0  # worker loops handed to the pool, not yet running
         self.idle = 0  # active loops lingering for work
@@ -144,11 +162,20 @@ class Lane:
         self._room_watchers: list[RoomWatcher] = []
         self._blocked = 0  # submitters waiting in not_full (guarded by lock)
 
+    @property
+    def pending(self) -> int:
+        """Requests queued here, not taken yet (admission bounds it)."""
+        return len(self._queued)
+
     # -- admission -----------------------------------------------------------------------------
 
     def has_room(self) -> bool:
-        """Room for one more request (caller holds ``lock``); a closed lane has room to say so."""
-        return self.closed or self.capacity == 0 or self.pending < self.capacity
+        """Room for one more request (caller holds ``lock``); a closed lane has room to say so.
+
+        Workers take requests without the lock, so the count read here can only be too high,
+        never too low: admission never overfills.
+        """
+        return self.closed or self.capacity == 0 or len(self._queued) < self.capacity
 
     def admit(self, request: Request, seq: int, *, block: bool, timeout_s: float | None,
               watcher: RoomWatcher | None = None) -> bool:
@@ -172,20 +199,28 @@ class Lane:
         with self.lock:
             if not self.has_room():
                 if not block:
-                    if watcher is not None:
-                        if len(self._room_watchers) >= 32:  # callers that gave up: forget them
-                            self._room_watchers = [w for w in self._room_watchers if w.alive()]
-                        self._room_watchers.append(watcher)
-                    raise self._queue_full(waited_s=None)
-                if timeout_s is not None:
-                    timeout_s = min(timeout_s, threading.TIMEOUT_MAX)
-                self._blocked += 1
-                try:
-                    room = self.not_full.wait_for(self.has_room, timeout=timeout_s)
-                finally:
-                    self._blocked -= 1
-                if not room:
-                    raise self._queue_full(waited_s=timeout_s)
+                    if watcher is None:
+                        raise self._queue_full(waited_s=None)
+                    if len(self._room_watchers) >= 32:  # callers that gave up: forget them
+                        self._room_watchers = [w for w in self._room_watchers if w.alive()]
+                    self._room_watchers.append(watcher)
+                    # A worker frees slots without the lock and wakes watchers only when it sees
+                    # one: a slot freed before the append above is seen here instead.
+                    if not self.has_room():
+                        raise self._queue_full(waited_s=None)
+                    self._room_watchers.remove(watcher)
+                else:
+                    if timeout_s is not None:
+                        timeout_s = min(timeout_s, threading.TIMEOUT_MAX)
+                    # Counted before wait_for looks at the room: a worker that frees a slot after
+                    # that look sees this count and notifies (under the lock).
+                    self._blocked += 1
+                    try:
+                        room = self.not_full.wait_for(self.has_room, timeout=timeout_s)
+                    finally:
+                        self._blocked -= 1
+                    if not room:
+                        raise self._queue_full(waited_s=timeout_s)
             if self.closed:
                 raise ExecutorShutdownError("submit() after shutdown()")
             request.queue_len = self.pending
@@ -212,11 +247,9 @@ class Lane:
         # Aging as a static key: priority p+1 counts as if submitted aging_s earlier, so a waiting
         # request gains one step per aging_s and the heap never needs re-sorting.
         key = request.submit_s - request.request.priority * self.aging_s
-        request.owner = self
-        request.heap_state = QUEUED
         request.dequeue = self._remove
-        heapq.heappush(self.heap, (key, seq, request))
-        self.pending += 1
+        self._queued[request] = True  # before the push: a popped entry is always found queued
+        _heappush(self.heap, (key, seq, request))
         if self.idle > self.wakeups:
             # A lingering loop takes it: cheaper than handing the pool a new loop. One wake-up per
             # request, so a burst still starts up to MAX_PARALLEL loops.
@@ -255,31 +288,39 @@ class Lane:
 
     # -- taking requests off the heap ----------------------------------------------------------
 
-    def _pop_locked(self) -> Request | None:
-        heap = self.heap
-        while heap:
-            request = heapq.heappop(heap)[2]
-            if request.heap_state != QUEUED or request.owner is not self:
-                continue  # removed earlier (lazy deletion), or moved on
-            request.heap_state = TAKEN
+    def _take(self, locked: bool = False) -> Request | None:
+        """Pop the best request queued here, or None when the heap is empty (no lock needed).
+
+        Stale entries (requests removed, or taken by another lane after a fallback) are skipped;
+        the dict decides who owns a request, so a cancel racing this pop cannot both win.
+        ``locked``: the caller holds ``lock`` (a free-threaded build).
+        """
+        heap, queued = self.heap, self._queued
+        while True:
+            try:
+                request = _heappop(heap)[2]
+            except IndexError:
+                return None
+            if not queued.pop(request, False):
+                continue  # not queued here any more (removed, or moved on)
             request.dequeue = None
-            self.pending -= 1
-            self._room_freed_locked()
+            if locked:
+                self._room_freed_locked()
+            elif self._blocked or self._room_watchers:  # a racy read; the waiters re-check under the lock
+                with self.lock:
+                    self._room_freed_locked()
             if request.settled and request.started:
                 continue  # a fallback the reaper already failed: drop it, its slot is free now
             return request
-        return None
 
     def remove(self, request: Request) -> bool:
         """Take ``request`` out of the queue if it is still there (True: the caller owns it now)."""
         with self.lock:
-            if request.owner is not self or request.heap_state != QUEUED:
+            if not self._queued.pop(request, False):
                 return False
-            request.heap_state = REMOVED
             request.dequeue = None
-            self.pending -= 1
             self._room_freed_locked()
-            if not self.pending:
+            if not self._queued:
                 self.heap.clear()
             return True
 
@@ -287,13 +328,12 @@ class Lane:
         """Take every queued request off the heap (a cancelling shutdown owns them then)."""
         with self.lock:
             out = []
-            for _, _, request in self.heap:
-                if request.owner is self and request.heap_state == QUEUED:
-                    request.heap_state = REMOVED
+            queued = self._queued
+            for request in queued.copy():  # in submission order; a worker may pop some meanwhile
+                if queued.pop(request, False):
                     request.dequeue = None
                     out.append(request)
             self.heap.clear()
-            self.pending = 0
             self.not_full.notify_all()
             self._fire_all_watchers_locked()
             return out
@@ -311,15 +351,27 @@ class Lane:
             return True
 
     def next_request(self) -> Request | None:
-        """The next request for an active loop; None when the loop must leave (it is uncounted)."""
+        """The next request for an active loop; None when the loop must leave (it is uncounted).
+
+        A busy loop takes requests without the lock (module doc); it decides to idle or leave
+        only under the lock, after looking at the heap again (pushes happen under it).
+        """
         while True:
+            if self.active > self.max_parallel:  # racy read; decided under the lock
+                with self.lock:
+                    if self.active > self.max_parallel:
+                        self.active -= 1  # the learned cap fell: leave between calls, never during one
+                        return None
+            if _GIL:
+                request = self._take()
+            else:  # a free-threaded build
+                with self.lock:
+                    request = self._take(locked=True)
+            if request is not None:
+                return request
             with self.lock:
-                if self.active > self.max_parallel:
-                    self.active -= 1  # the learned cap fell: leave between calls, never during one
-                    return None
-                request = self._pop_locked()
-                if request is not None:
-                    return request
+                if self.heap:
+                    continue  # a push landed since the pop
                 if self.closed:
                     self.active -= 1
                     return None
@@ -333,7 +385,7 @@ class Lane:
                 self.idle -= 1
                 if got:
                     self.wakeups -= 1
-                if self.pending or (got and not self.closed):
+                if self.heap or (got and not self.closed):
                     continue
                 self.active -= 1
                 return None

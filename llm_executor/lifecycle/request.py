@@ -35,12 +35,9 @@ from ..metrics import LaneMetrics
 from ..types import LLMRequest, LLMResponse
 from ..window import WAKE_S
 
-__all__ = ["QUEUED", "REMOVED", "TAKEN", "LLMFuture", "Request", "log_finish"]
+__all__ = ["LLMFuture", "Request", "log_finish"]
 
 log = logging.getLogger("llm_executor")
-
-# Where a request stands in its lane's heap (guarded by that lane's lock).
-QUEUED, TAKEN, REMOVED = 0, 1, 2
 
 
 class Request:
@@ -58,13 +55,13 @@ class Request:
         queue_ms: submit to the first attempt's start.
         attempts: provider calls made for it, on every lane (retries, repairs, fallbacks).
         tried: lanes it left after retryable failures.
-        dequeue: the holding lane's ``remove``; set while queued, else None.
-        owner / heap_state: the lane holding it in its heap and where it stands there.
+        dequeue: the holding lane's ``remove``; set while queued, else None (the lane's own
+            dict of queued requests says who owns it; see ``lane``).
     """
 
     __slots__ = (
-        "__weakref__", "_lock", "_settled", "attempts", "auto", "deadline", "dequeue", "future", "heap_state",
-        "lane_name", "metrics", "model", "owner", "queue_len", "queue_ms", "request", "request_id", "schema",
+        "__weakref__", "_lock", "_settled", "attempts", "auto", "deadline", "dequeue", "future", "lane_name",
+        "metrics", "model", "queue_len", "queue_ms", "request", "request_id", "schema",
         "started", "submit_s", "tried",
     )
 
@@ -85,8 +82,6 @@ class Request:
         self.attempts = 0
         self.tried: tuple[str, ...] = ()
         self.dequeue: Callable[[Request], bool] | None = None
-        self.owner: object | None = None
-        self.heap_state = REMOVED
         self._lock = threading.Lock()
         self._settled = False
         self.future = LLMFuture(self)

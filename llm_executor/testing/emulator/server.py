@@ -100,11 +100,19 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._dispatch("DELETE")
 
+    def parse_request(self) -> bool:
+        # Called right after the request line is read: this is the request's arrival. Stamped
+        # here, not after the headers, body and JSON are parsed, which on a busy in-process
+        # emulator can take several GIL hand-offs (tens of ms) and made rate windows look busier
+        # than what reached the socket.
+        self.arrived = (time.time(), time.monotonic())
+        return super().parse_request()
+
     def _dispatch(self, method: str) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length > 0 else b""
         reply = self.server.emulator._handle(
-            method, self.path, dict(self.headers.items()), raw, self.connection
+            method, self.path, dict(self.headers.items()), raw, self.connection, self.arrived
         )
         if reply.drop:
             self.close_connection = True
@@ -351,8 +359,10 @@ class Emulator:
     # -- request handling (called on handler threads) ------------------------------------------
 
     def _handle(
-        self, method: str, target: str, headers: dict[str, str], raw: bytes, conn: socket.socket
+        self, method: str, target: str, headers: dict[str, str], raw: bytes, conn: socket.socket,
+        arrived: tuple[float, float] | None = None,
     ) -> Reply:
+        """Answer one request; ``arrived`` is (wall, monotonic) when its request line was read."""
         parts = urlsplit(target)
         path = parts.path
         body: Any = None
@@ -364,9 +374,10 @@ class Emulator:
         route = next((r for f in _FORMATS if (r := f.route(method, path, parts.query, headers)) is not None), None)
         owner = _FORMAT_OF[route.provider] if route else next((f for f in _FORMATS if f.owns(path, headers)), None)
         model = route.model if route and route.model else _body_model(body)
+        wall, mono = arrived if arrived is not None else (time.time(), time.monotonic())
         record = RecordedRequest(
-            time=time.time(),
-            monotonic=time.monotonic(),
+            time=wall,
+            monotonic=mono,
             provider=owner.provider if owner else None,
             method=method,
             path=redact_path(parts.path, parts.query),
