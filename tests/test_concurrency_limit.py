@@ -164,3 +164,50 @@ def test_only_a_change_of_the_integer_value_is_reported() -> None:
     reported = [limit.on_sample(1.12 * limit.baseline_s, True, 10) for _ in range(11)]  # type: ignore[operator]
     assert 10.0 <= limit.limit < 10.9 and limit.value == 10
     assert reported == [None] * 11
+
+
+def test_slow_start_opens_a_slot_per_flat_sample_without_waiting_for_the_window() -> None:
+    """TCP's per-ACK growth: the round at 4 gives 5, 6, 7, 8 as its calls end, not 8 at its end.
+
+    Calls started before the window opened (here: all but the first round's) still grow the
+    limit when flat; they are only kept out of the window that decides the end of slow start.
+    """
+    clock = Clock()
+    limit = GradientLimit(32, clock=clock)
+    drive(limit, clock, lambda n: L, 4)  # the reference (3 calls), then a round at 2
+    assert limit.value == 4
+    clock.now += L
+    assert [limit.on_sample(L, True, 4) for _ in range(4)] == [5, 6, 7, 8]
+    clock.now += 0.05
+    assert limit.on_sample(1.5 * L, True, 8) is None  # latency risen: no slot added
+
+
+def test_the_window_that_ends_slow_start_scales_the_load_it_measured() -> None:
+    """Flat samples raised the limit to 12 while the window saw at most 8 in flight at 1.5x:
+    the decrease applies to the 8 measured (8 * 1.1 / 1.5), not to the 12 granted meanwhile."""
+    clock = Clock()
+    limit = GradientLimit(32, clock=clock)
+    drive(limit, clock, lambda n: L, 6)  # reference, then rounds at 2 and 4, and 8 flat
+    assert limit.value == 16 and limit.slow_start
+    limit.limit = 12.0
+    clock.now += 2 * L
+    for _ in range(16):
+        limit.on_sample(1.5 * L, True, 8)
+    assert not limit.slow_start
+    assert limit.value == int(8 * 1.1 / 1.5)
+
+
+def test_a_small_window_does_not_lower_the_unloaded_reference() -> None:
+    """Two fast calls (e.g. on fresh connections) are no reference; three or more are."""
+    clock = Clock()
+    limit = GradientLimit(32, clock=clock)
+    drive(limit, clock, lambda n: L, 3)
+    assert limit.baseline_s == pytest.approx(L) and limit.value == 2
+    clock.now += 0.8 * L
+    limit.on_sample(0.8 * L, True, 2)
+    limit.on_sample(0.8 * L, True, 2)  # the round at 2 closes: median 0.8 L, two samples
+    assert limit.baseline_s == pytest.approx(L)
+    clock.now += 0.7 * L
+    for _ in range(4):
+        limit.on_sample(0.7 * L, True, 4)  # a round of 4 at 0.7 L: a reference
+    assert limit.baseline_s == pytest.approx(0.7 * L)

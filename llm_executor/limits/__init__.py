@@ -17,10 +17,11 @@ hundred calls, not a hundred per freed token. ``LaneLimiter`` never sleeps insid
 waits on the executor's ``stopping`` Event, so a cancelling shutdown or a request deadline ends
 every wait at once (and gives back what it had reserved).
 
-QPS is enforced as "at most floor(QPS) starts in any window of 1 s (+ a safety margin)"; a QPS
-below 1 becomes one start per 1/QPS seconds. The margin absorbs the gap between the token and
-the moment the request reaches the wire. The limits travel with each call, so ``reconfigure``
-changes them at run time.
+QPS is enforced as "at most ceil(QPS) starts in any window of ceil(QPS)/QPS s (+ a safety
+margin)": QPS starts per 1 s for a whole QPS, one start per 1/QPS s below 1, and a fractional
+pace (a learned one) keeps its fraction instead of losing it to floor(QPS). The margin absorbs
+the gap between the token and the moment the request reaches the wire. The limits travel with
+each call, so ``reconfigure`` changes them at run time.
 
 A shared store lost mid-run is handled by ``ExecutorConfig.backend_failure``: ``fail_closed``
 fails the request with ``ProviderUnavailableError``; ``local`` logs one WARNING and carries on

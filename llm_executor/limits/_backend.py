@@ -84,8 +84,14 @@ class Rate:
     interval_ms: int
 
 
-def _qps_rates(qps: int, margin_ms: int, burst: int | None = None) -> list[Rate]:
-    """At most ``qps`` starts in any 1 s window (+ margin), spread over the window.
+def _qps_rates(qps: float, margin_ms: int, burst: int | None = None) -> list[Rate]:
+    """At most ``n = ceil(qps)`` starts in any window of ``n / qps`` seconds (+ margin), spread over it.
+
+    For a whole QPS that is QPS starts per 1 s; below 1, one start per 1/QPS s. A fractional QPS
+    above 1 keeps its fraction: 36.25/s is 37 starts per 1.021 s (35.5/s with the 20 ms margin),
+    not ``floor`` = 36 per 1 s (35.3/s), and any 1 s window still holds at most ``ceil(qps)``
+    starts, as any pace averaging ``qps`` must have some 1 s windows do (so a provider's whole
+    per-second limit at or above ``qps`` is never exceeded). Learned paces are fractional.
 
     A burst of QPS requests taken at the same instant reaches the provider spread over tens of
     milliseconds (threads, GIL, connection setup), which is enough for the provider's own 1 s
@@ -94,9 +100,10 @@ def _qps_rates(qps: int, margin_ms: int, burst: int | None = None) -> list[Rate]
     stay small, and the window, not the pace, sets the throughput (a pace of exactly QPS would
     lose the timer's lateness on every token: 0.965 of QPS measured at QPS 20).
     """
-    window = Rate(qps, 1000 + margin_ms)
-    k = max(1, qps // 20) if burst is None else min(qps, burst)
-    if k >= qps:
+    n = max(1, math.ceil(qps))
+    window = Rate(n, math.ceil(n * 1000 / qps) + margin_ms)
+    k = max(1, n // 20) if burst is None else min(n, burst)
+    if k >= n:
         return [window]
     pace = Rate(k, max(1, math.floor(k * 1000 / (_PACE_HEADROOM * qps))))
     return [pace, window]
@@ -112,10 +119,7 @@ def build_rates(cfg: ProviderConfig, margin_ms: int | None = None) -> tuple[Rate
     rates: list[Rate] = []
     qps, rpm_limit = known(cfg.qps), known(cfg.rpm)  # "auto" is fed in as a number (limits.learn)
     if qps is not None:
-        if qps >= 1:
-            rates.extend(_qps_rates(math.floor(qps), margin_ms, cfg.burst))
-        else:
-            rates.append(Rate(1, math.ceil(1000 / qps) + margin_ms))
+        rates.extend(_qps_rates(qps, margin_ms, cfg.burst))
     if rpm_limit is not None:
         rpm = Rate(rpm_limit, 60_000 + margin_ms)
         # A shorter rate allowing as many requests as the RPM is implied by it and dropped; an

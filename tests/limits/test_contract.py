@@ -43,6 +43,13 @@ def test_qps_is_paced_by_default(backend_url: str, make_limiter: MakeLimiter) ->
     assert 0.15 < limiter.try_acquire() <= 0.21  # one start per 1/QPS (+ margin), not 5 at once
 
 
+def test_a_fractional_qps_allows_its_ceiling_per_its_own_window(backend_url: str, make_limiter: MakeLimiter) -> None:
+    """QPS 2.5 is 3 starts per 1.2 s (+ 20 ms), not floor = 2 per 1 s: 2.46/s instead of 1.96/s."""
+    limiter = make_limiter(backend_url, qps=2.5, burst=3)
+    assert [limiter.try_acquire() for _ in range(3)] == [0.0] * 3
+    assert 1.1 < limiter.try_acquire() <= 1.23
+
+
 def test_expected_wait_takes_no_token(backend_url: str, make_limiter: MakeLimiter) -> None:
     limiter = make_limiter(backend_url, qps=2, burst=2)
     for _ in range(5):

@@ -13,6 +13,7 @@ replaced) on the admit-now-or-never operations.
 from __future__ import annotations
 
 import itertools
+import math
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,7 +24,8 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from llm_executor.limits._backend import Ask, MemoryBackend, Rate, Verdict, rate_wait_ms
+from llm_executor.config import ProviderConfig
+from llm_executor.limits._backend import Ask, MemoryBackend, Rate, Verdict, build_rates, rate_wait_ms
 from llm_executor.limits._sqlite import SQLiteBackend
 
 from .conftest import CLUSTER_URL, REDIS_URL, delete_namespace, redis_client_or_skip
@@ -222,3 +224,26 @@ def test_the_wait_names_the_first_instant_a_start_fits() -> None:
     assert rate_wait_ms(1060, rates, nth) == 1200 - 1060
     log.append(1200)  # two at 1200: the next one waits for the first of them to leave
     assert rate_wait_ms(1060, rates, nth) == 1301 - 1060
+
+
+@given(qps=st.floats(min_value=0.01, max_value=500.0, allow_nan=False), margin=st.integers(0, 50))
+def test_a_qps_keeps_its_fraction_and_never_exceeds_itself_or_its_ceiling(qps: float, margin: int) -> None:
+    """The window rate is ``ceil(qps)`` starts per ``ceil(qps)/qps`` s + margin: its long-run pace
+    is at most ``qps``, within the margin and 1 ms of rounding of it, and no 1 s window holds
+    more than ``ceil(qps)`` starts (the window is at least 1 s long)."""
+    cfg = ProviderConfig(qps=qps, window_margin_ms=margin, burst=None)
+    window = build_rates(cfg)[-1]
+    n = math.ceil(qps)
+    assert window.limit == max(1, n)
+    assert window.interval_ms >= 1000 + margin
+    assert window.limit * 1000 / window.interval_ms <= qps
+    assert window.limit * 1000 / (window.interval_ms - margin - 1) >= qps
+
+
+def test_whole_and_sub_one_qps_keep_their_windows_and_a_fractional_one_gains_its_fraction() -> None:
+    margin = 20
+    assert build_rates(ProviderConfig(qps=5))[-1] == Rate(5, 1000 + margin)
+    assert build_rates(ProviderConfig(qps=0.5)) == (Rate(1, 2000 + margin),)
+    # A learned header pace of 2175/min: 37 per 1.021 s (35.5/s), not floor = 36 per 1 s (35.3/s).
+    assert build_rates(ProviderConfig(qps=2175 / 60))[-1] == Rate(37, 1021 + margin)
+    assert build_rates(ProviderConfig(qps=2.5, burst=3)) == (Rate(3, 1200 + margin),)
