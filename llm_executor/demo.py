@@ -75,7 +75,7 @@ class ProviderRow:
         """In flight never above MAX_PARALLEL and starts in any 1 s never above QPS, on both sides."""
         ok = max(self.max_in_flight, self.emulator_max_concurrency) <= self.max_parallel
         if self.qps is not None:
-            cap = max(1, math.ceil(self.qps))  # the limiter's bound for any 1 s window
+            cap = max(1, math.floor(self.qps))  # a configured QPS: never more in any 1 s window
             ok = ok and max(self.max_starts_1s, self.emulator_max_per_1s) <= cap
         return ok
 

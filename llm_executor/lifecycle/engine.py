@@ -146,7 +146,7 @@ class Engine:
             # "auto" limits: the limiter and the lane see numbers only, the learner's.
             learner = RateLearner(name, pcfg, limiter, shared=limiter.is_shared)
             pcfg = learner.concrete()
-            limiter.reconfigure(pcfg)
+            limiter.reconfigure(pcfg, learned_qps="qps" in learner.auto)
         retry = RetryPolicy(pcfg, self.stopping, self._sleep, self.clock)
         lane = Lane(name, provider, pcfg, self.config, limiter, retry, builtin, self.clock)
         if learner is not None:

@@ -104,6 +104,9 @@ class Lane:
         self.provider = provider
         self.pcfg = pcfg
         self.builtin = builtin
+        # QPS=auto (set by attach_learner): the learned pace keeps its fraction (limits.build_rates);
+        # a configured one never allows more than itself in a 1 s window.
+        self._qps_learned = False
         self.capacity = ecfg.queue_size
         self.aging_s = ecfg.priority_aging_s
         # MAX_PARALLEL=auto: the learner, on the real clock (attempt latencies are wall time).
@@ -134,12 +137,13 @@ class Lane:
         """Let ``learner`` set this lane's QPS/RPM/TPM: every change goes to ``pcfg`` (what the
         estimates read) and to the limiter (from its next call on)."""
         self.learner = learner
+        self._qps_learned = "qps" in learner.auto
         learner.start()
 
     def apply_learned(self, cfg: ProviderConfig) -> None:
         """Use ``cfg``'s learned QPS/RPM/TPM (a concrete copy of the configured ProviderConfig)."""
         self.pcfg = cfg
-        self.limiter.reconfigure(cfg)
+        self.limiter.reconfigure(cfg, learned_qps=self._qps_learned)
 
     def _reset_threading(self) -> None:
         """Fresh locks, heap, counters and pool (at start, and in a forked child)."""

@@ -17,9 +17,9 @@ hundred calls, not a hundred per freed token. ``LaneLimiter`` never sleeps insid
 waits on the executor's ``stopping`` Event, so a cancelling shutdown or a request deadline ends
 every wait at once (and gives back what it had reserved).
 
-QPS is enforced as "at most ceil(QPS) starts in any window of ceil(QPS)/QPS s (+ a safety
-margin)": QPS starts per 1 s for a whole QPS, one start per 1/QPS s below 1, and a fractional
-pace (a learned one) keeps its fraction instead of losing it to floor(QPS). The margin absorbs
+QPS is enforced as "at most floor(QPS) starts in any window of 1 s (+ a safety margin)"; a QPS
+below 1 becomes one start per 1/QPS seconds. A learned pace (QPS=auto) keeps its fraction
+instead: ceil(QPS) starts per ceil(QPS)/QPS s, its bound being the provider's limit. The margin absorbs
 the gap between the token and the moment the request reaches the wire. The limits travel with
 each call, so ``reconfigure`` changes them at run time.
 
@@ -234,14 +234,16 @@ class LaneLimiter:
     def __repr__(self) -> str:
         return f"LaneLimiter(name={self.name!r}, backend={self.backend_url!r}, degraded={self.is_degraded})"
 
-    def reconfigure(self, cfg: ProviderConfig) -> None:
+    def reconfigure(self, cfg: ProviderConfig, *, learned_qps: bool = False) -> None:
         """Use ``cfg``'s QPS, RPM, burst, TPM and global cap from the next call on.
+
+        ``learned_qps``: ``cfg.qps`` is a learned pace, which keeps its fraction (``build_rates``).
 
         The store keeps no limits (each call carries them), so nothing is rebuilt: starts already
         taken count against the new limits. Shortening an RPM window to a QPS one forgets the
         older starts; lengthening it counts only the starts the store still keeps.
         """
-        rates = build_rates(cfg)
+        rates = build_rates(cfg, learned_qps=learned_qps)
         with self._lock:
             self.cfg, self._rates = cfg, rates
 

@@ -84,14 +84,16 @@ class Rate:
     interval_ms: int
 
 
-def _qps_rates(qps: float, margin_ms: int, burst: int | None = None) -> list[Rate]:
-    """At most ``n = ceil(qps)`` starts in any window of ``n / qps`` seconds (+ margin), spread over it.
+def _qps_rates(qps: float, margin_ms: int, burst: int | None = None, keep_fraction: bool = False) -> list[Rate]:
+    """The window of a QPS (+ margin), and a pacing rate that spreads the starts over it.
 
-    For a whole QPS that is QPS starts per 1 s; below 1, one start per 1/QPS s. A fractional QPS
-    above 1 keeps its fraction: 36.25/s is 37 starts per 1.021 s (35.5/s with the 20 ms margin),
-    not ``floor`` = 36 per 1 s (35.3/s), and any 1 s window still holds at most ``ceil(qps)``
-    starts, as any pace averaging ``qps`` must have some 1 s windows do (so a provider's whole
-    per-second limit at or above ``qps`` is never exceeded). Learned paces are fractional.
+    A configured QPS (DESIGN: never more than QPS starts in any 1 s window) is at most
+    ``floor(qps)`` starts per 1 s; below 1, one start per 1/QPS s. A *learned* pace
+    (``keep_fraction``: QPS=auto, where the bound is the provider's own limit, of which the pace
+    is a fraction) keeps its fraction instead: ``n = ceil(qps)`` starts per ``n / qps`` s, so
+    36.25/s is 37 starts per 1.021 s (35.5/s with the 20 ms margin), not 36 per 1 s (35.3/s); no
+    1 s window then holds more than ``ceil(qps)``, which the provider's whole per-second limit
+    above the pace allows. Whole and sub-1 paces get the same window either way.
 
     A burst of QPS requests taken at the same instant reaches the provider spread over tens of
     milliseconds (threads, GIL, connection setup), which is enough for the provider's own 1 s
@@ -100,8 +102,12 @@ def _qps_rates(qps: float, margin_ms: int, burst: int | None = None) -> list[Rat
     stay small, and the window, not the pace, sets the throughput (a pace of exactly QPS would
     lose the timer's lateness on every token: 0.965 of QPS measured at QPS 20).
     """
-    n = max(1, math.ceil(qps))
-    window = Rate(n, math.ceil(n * 1000 / qps) + margin_ms)
+    if keep_fraction or qps < 1:
+        n = max(1, math.ceil(qps))
+        window = Rate(n, math.ceil(n * 1000 / qps) + margin_ms)
+    else:
+        n = math.floor(qps)
+        window = Rate(n, 1000 + margin_ms)
     k = max(1, n // 20) if burst is None else min(n, burst)
     if k >= n:
         return [window]
@@ -109,17 +115,19 @@ def _qps_rates(qps: float, margin_ms: int, burst: int | None = None) -> list[Rat
     return [pace, window]
 
 
-def build_rates(cfg: ProviderConfig, margin_ms: int | None = None) -> tuple[Rate, ...]:
+def build_rates(cfg: ProviderConfig, margin_ms: int | None = None, *, learned_qps: bool = False) -> tuple[Rate, ...]:
     """The rates for ``cfg``'s QPS and RPM, shortest window first (empty when neither is set).
 
     ``margin_ms`` defaults to ``cfg.window_margin_ms`` (``WINDOW_MARGIN_MS`` unless configured).
+    ``learned_qps``: ``cfg.qps`` is a learned pace (QPS=auto), which keeps its fraction
+    (``_qps_rates``); a configured QPS never allows more than itself in any 1 s window.
     """
     if margin_ms is None:
         margin_ms = cfg.window_margin_ms
     rates: list[Rate] = []
     qps, rpm_limit = known(cfg.qps), known(cfg.rpm)  # "auto" is fed in as a number (limits.learn)
     if qps is not None:
-        rates.extend(_qps_rates(qps, margin_ms, cfg.burst))
+        rates.extend(_qps_rates(qps, margin_ms, cfg.burst, keep_fraction=learned_qps))
     if rpm_limit is not None:
         rpm = Rate(rpm_limit, 60_000 + margin_ms)
         # A shorter rate allowing as many requests as the RPM is implied by it and dropped; an

@@ -43,11 +43,21 @@ def test_qps_is_paced_by_default(backend_url: str, make_limiter: MakeLimiter) ->
     assert 0.15 < limiter.try_acquire() <= 0.21  # one start per 1/QPS (+ margin), not 5 at once
 
 
-def test_a_fractional_qps_allows_its_ceiling_per_its_own_window(backend_url: str, make_limiter: MakeLimiter) -> None:
-    """QPS 2.5 is 3 starts per 1.2 s (+ 20 ms), not floor = 2 per 1 s: 2.46/s instead of 1.96/s."""
+def test_a_learned_fractional_qps_allows_its_ceiling_per_its_own_window(backend_url: str,
+                                                                        make_limiter: MakeLimiter) -> None:
+    """A learned QPS 2.5 is 3 starts per 1.2 s (+ 20 ms), not floor = 2 per 1 s: 2.46/s, not 1.96/s."""
     limiter = make_limiter(backend_url, qps=2.5, burst=3)
+    limiter.reconfigure(limiter.cfg, learned_qps=True)
     assert [limiter.try_acquire() for _ in range(3)] == [0.0] * 3
     assert 1.1 < limiter.try_acquire() <= 1.23
+
+
+def test_a_configured_fractional_qps_never_allows_more_than_itself_in_a_second(
+        backend_url: str, make_limiter: MakeLimiter) -> None:
+    """DESIGN: never more than its QPS in any 1 s window. A configured 2.5 is 2 per 1 s (+ 20 ms)."""
+    limiter = make_limiter(backend_url, qps=2.5, burst=3)
+    assert [limiter.try_acquire() for _ in range(2)] == [0.0] * 2
+    assert 0.9 < limiter.try_acquire() <= 1.03
 
 
 def test_expected_wait_takes_no_token(backend_url: str, make_limiter: MakeLimiter) -> None:

@@ -438,3 +438,21 @@ def test_a_forked_child_keeps_what_the_parent_learned() -> None:
         process.join(10)
     _FORKED = None
     assert result == (True, pytest.approx(588 / 60), 0.25), result
+
+
+def test_a_learned_pace_keeps_its_fraction_and_a_configured_qps_does_not() -> None:
+    """QPS=auto: the lane's limiter gets 36.25/s as 37 per 1.021 s (+ margin); the same number
+    configured stays floor = 36 per 1 s (DESIGN: never more than the QPS in a second)."""
+    import dataclasses
+
+    from llm_executor import Executor, ExecutorConfig, ProviderConfig
+    from llm_executor.limits._backend import Rate
+    from tests.fakes import FakeProvider
+
+    config = ExecutorConfig(providers={"learning": ProviderConfig(qps="auto"),
+                                       "fixed": ProviderConfig(qps=2175 / 60)})
+    with Executor(config, {"learning": FakeProvider("learning"), "fixed": FakeProvider("fixed")}) as ex:
+        auto, fixed = ex._lanes["learning"], ex._lanes["fixed"]
+        auto.apply_learned(dataclasses.replace(auto.pcfg, qps=2175 / 60))
+        assert auto.limiter._rates[-1] == Rate(37, 1021 + 20)
+        assert fixed.limiter._rates[-1] == Rate(36, 1000 + 20)

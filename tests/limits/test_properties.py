@@ -227,12 +227,12 @@ def test_the_wait_names_the_first_instant_a_start_fits() -> None:
 
 
 @given(qps=st.floats(min_value=0.01, max_value=500.0, allow_nan=False), margin=st.integers(0, 50))
-def test_a_qps_keeps_its_fraction_and_never_exceeds_itself_or_its_ceiling(qps: float, margin: int) -> None:
-    """The window rate is ``ceil(qps)`` starts per ``ceil(qps)/qps`` s + margin: its long-run pace
-    is at most ``qps``, within the margin and 1 ms of rounding of it, and no 1 s window holds
-    more than ``ceil(qps)`` starts (the window is at least 1 s long)."""
+def test_a_learned_qps_keeps_its_fraction_and_never_exceeds_itself_or_its_ceiling(qps: float, margin: int) -> None:
+    """A learned pace's window is ``ceil(qps)`` starts per ``ceil(qps)/qps`` s + margin: its
+    long-run pace is at most ``qps``, within the margin and 1 ms of rounding of it, and no 1 s
+    window holds more than ``ceil(qps)`` starts (the window is at least 1 s long)."""
     cfg = ProviderConfig(qps=qps, window_margin_ms=margin, burst=None)
-    window = build_rates(cfg)[-1]
+    window = build_rates(cfg, learned_qps=True)[-1]
     n = math.ceil(qps)
     assert window.limit == max(1, n)
     assert window.interval_ms >= 1000 + margin
@@ -240,10 +240,25 @@ def test_a_qps_keeps_its_fraction_and_never_exceeds_itself_or_its_ceiling(qps: f
     assert window.limit * 1000 / (window.interval_ms - margin - 1) >= qps
 
 
-def test_whole_and_sub_one_qps_keep_their_windows_and_a_fractional_one_gains_its_fraction() -> None:
+@given(qps=st.floats(min_value=0.01, max_value=500.0, allow_nan=False), margin=st.integers(0, 50))
+def test_a_configured_qps_never_allows_more_than_itself_in_any_second(qps: float, margin: int) -> None:
+    """DESIGN: never more than its QPS in any 1 s window. The window (the longest rate; the
+    pacing rate before it runs at 1.1x QPS within it) is at least 1 s + margin long and holds at
+    most ``qps`` starts (one, spaced 1/qps apart, below 1)."""
+    window = build_rates(ProviderConfig(qps=qps, window_margin_ms=margin, burst=None))[-1]
+    assert window.interval_ms >= 1000 + margin
+    assert window.limit <= max(1, qps)
+    assert window.limit * 1000 / window.interval_ms <= qps
+
+
+def test_whole_and_sub_one_qps_keep_their_windows_and_a_learned_fraction_is_kept() -> None:
     margin = 20
-    assert build_rates(ProviderConfig(qps=5))[-1] == Rate(5, 1000 + margin)
-    assert build_rates(ProviderConfig(qps=0.5)) == (Rate(1, 2000 + margin),)
+    for learned in (False, True):
+        assert build_rates(ProviderConfig(qps=5), learned_qps=learned)[-1] == Rate(5, 1000 + margin)
+        assert build_rates(ProviderConfig(qps=0.5), learned_qps=learned) == (Rate(1, 2000 + margin),)
     # A learned header pace of 2175/min: 37 per 1.021 s (35.5/s), not floor = 36 per 1 s (35.3/s).
-    assert build_rates(ProviderConfig(qps=2175 / 60))[-1] == Rate(37, 1021 + margin)
-    assert build_rates(ProviderConfig(qps=2.5, burst=3)) == (Rate(3, 1200 + margin),)
+    assert build_rates(ProviderConfig(qps=2175 / 60), learned_qps=True)[-1] == Rate(37, 1021 + margin)
+    assert build_rates(ProviderConfig(qps=2.5, burst=3), learned_qps=True) == (Rate(3, 1200 + margin),)
+    # The same values configured: floor(QPS) per 1 s.
+    assert build_rates(ProviderConfig(qps=2175 / 60))[-1] == Rate(36, 1000 + margin)
+    assert build_rates(ProviderConfig(qps=2.5, burst=3)) == (Rate(2, 1000 + margin),)
