@@ -14,6 +14,7 @@ Imports: stdlib only (prometheus-client lazily, in ``PrometheusExporter``).
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -244,13 +245,15 @@ class _Tally:
 
 
 _TALLY_COUNTS = tuple(name for name in _Tally.__slots__ if name != "thread")
+# Without the GIL (a free-threaded build) the lock-free updates below take the metrics lock.
+_GIL = bool(getattr(sys, "_is_gil_enabled", lambda: True)())
 
 
 class LaneMetrics:
     """Mutable counters of one lane; every method is cheap and thread-safe.
 
     Per-attempt counters live in one ``_Tally`` per worker thread (no lock on the request path);
-    a tally whose thread ended is folded into ``_retired`` when the next thread's tally is made,
+    a tally whose thread ended is folded into the retired counts when the next thread's tally is made,
     so there are never more tallies than live threads that made attempts. ``max_in_flight`` and
     ``max_starts_1s`` are observed without a lock: a start racing another may be missed by one
     (a peak reported low), never counted twice (a peak is never reported above what happened).
@@ -276,8 +279,9 @@ class LaneMetrics:
 
     def _reset_threading(self) -> None:
         self._local = threading.local()
-        self._tallies: list[_Tally] = []  # guarded by _lock: one per live thread that counted
-        self._retired = _Tally(None)  # guarded by _lock: the counts of threads that ended
+        # (the counts of threads that ended, one tally per live thread that counted), replaced
+        # whole under _lock: a fork sees the old books or the new ones, never a fold half done.
+        self._books: tuple[_Tally, tuple[_Tally, ...]] = (_Tally(None), ())
         self._flight: list[None] = []  # one entry per provider call running
         self._starts: deque[float] = deque()  # attempt starts of the last second
         self._trim_lock = threading.Lock()  # taken without blocking: one trimmer at a time
@@ -295,33 +299,35 @@ class LaneMetrics:
             pass
         tally = _Tally(threading.current_thread())
         with self._lock:
+            old_retired, tallies = self._books
+            retired = _Tally(None)
+            retired.add(old_retired)
             live = []
-            for other in self._tallies:
+            for other in tallies:
                 if other.thread is not None and other.thread.is_alive():
                     live.append(other)
                 else:
-                    self._retired.add(other)
+                    retired.add(other)
             live.append(tally)
-            self._tallies = live
+            self._books = (retired, tuple(live))
         self._local.tally = tally
         return tally
 
     def _totals(self) -> _Tally:
         """Every thread's counts added up (caller holds ``_lock``)."""
+        retired, tallies = self._books
         total = _Tally(None)
-        total.add(self._retired)
-        for tally in self._tallies:
+        total.add(retired)
+        for tally in tallies:
             total.add(tally)
         return total
 
     def after_fork(self) -> None:
         """In a forked child: fresh locks, and no calls in flight (they were the parent's)."""
         self._lock = threading.Lock()
-        retired = self._retired
-        for tally in self._tallies:
-            retired.add(tally)
+        total = self._totals()  # every thread's counts, kept as the child's history
         self._reset_threading()
-        self._retired = retired
+        self._books = (total, ())
         self.tpm_reserved = 0
 
     def _notify(self, outcome: str, latency_ms: float | None) -> None:
@@ -378,7 +384,11 @@ class LaneMetrics:
         flight.append(None)
         in_flight = len(flight)  # exact at this instant, this call included
         if in_flight > self.max_in_flight:
-            self.max_in_flight = in_flight
+            if _GIL:  # no switch between the test and the store under the GIL in practice
+                self.max_in_flight = in_flight
+            else:
+                with self._lock:
+                    self.max_in_flight = max(self.max_in_flight, in_flight)
         now = self._clock_s()
         starts = self._starts
         starts.append(now)
@@ -395,7 +405,10 @@ class LaneMetrics:
 
     def on_attempt_end(self, prompt_tokens: int | None, completion_tokens: int | None,
                        total_tokens: int | None) -> None:
-        self._flight.pop()
+        try:
+            self._flight.pop()
+        except IndexError:  # the call began in the parent of this forked child (after_fork)
+            pass
         if not (prompt_tokens or completion_tokens or total_tokens):
             return
         try:
@@ -419,7 +432,11 @@ class LaneMetrics:
         tally.completed += 1
         tally.latency_sum_ms += latency_ms
         tally.latency_n += 1
-        self.recent_ms.append(latency_ms)
+        if _GIL:
+            self.recent_ms.append(latency_ms)  # atomic; snapshot() copies it in one C call
+        else:
+            with self._lock:
+                self.recent_ms.append(latency_ms)
         if self.listeners:
             self._notify("ok", latency_ms)
 

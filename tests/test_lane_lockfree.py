@@ -8,9 +8,12 @@ the guarantees the lock gave still hold when cancels, submitters and workers rac
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import Future, wait
 from typing import Any
+
+import pytest
 
 from llm_executor import Executor, ExecutorConfig, LLMRequest, LLMResponse, ProviderConfig
 from llm_executor.metrics import LaneMetrics
@@ -199,7 +202,7 @@ def test_per_thread_tallies_add_up_and_ended_threads_are_folded() -> None:
         t.start()
         t.join()
     count()  # this thread's own tally folds the 30 ended ones
-    assert len(metrics._tallies) == 1
+    assert len(metrics._books[1]) == 1
     stats = metrics.snapshot(0, 0, None)
     total = 31 * per_thread
     assert (stats.attempts, stats.completed, stats.tokens, stats.prompt_tokens) == (total, total, 5 * total, 2 * total)
@@ -245,3 +248,37 @@ def test_a_build_without_the_gil_takes_under_the_lock_and_still_serves_everyone(
     with Executor(config, {"fake": FakeProvider()}) as ex:
         futures = [ex.submit(req("fake", f"p{i}")) for i in range(200)]  # blocked submitters too
         assert [f.result(10).text for f in futures] == [f"echo:p{i}" for i in range(200)]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork")
+def test_a_fork_while_a_tally_is_folded_counts_every_request_once_in_the_child(monkeypatch: Any) -> None:
+    """Another thread is half-way through folding an ended thread's tally when this one forks:
+    the child must count that thread's requests once (the books are replaced whole)."""
+    import llm_executor.metrics as metrics_module
+
+    with Executor(ExecutorConfig(providers={"fake": ProviderConfig(max_parallel=1)}), {"fake": FakeProvider()}) as ex:
+        metrics = ex._lanes["fake"].metrics
+        ended = threading.Thread(target=lambda: [metrics.on_success(1.0) for _ in range(100)])
+        ended.start()
+        ended.join()
+        in_fold, go = threading.Event(), threading.Event()
+        add = metrics_module._Tally.add
+
+        def paused_add(self: Any, other: Any) -> None:
+            add(self, other)
+            if threading.current_thread().name == "folder" and other.completed == 100:
+                in_fold.set()  # stands for a GIL switch right after the fold step
+                go.wait(5)
+
+        monkeypatch.setattr(metrics_module._Tally, "add", paused_add)
+        folder = threading.Thread(target=lambda: metrics.on_success(1.0), name="folder")
+        folder.start()
+        assert in_fold.wait(5)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through its exit status
+            os._exit(0 if ex.stats()["fake"].completed == 100 else 1)
+        go.set()
+        folder.join(5)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the child counted the ended thread twice"
+        assert ex.stats()["fake"].completed == 101
