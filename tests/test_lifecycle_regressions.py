@@ -207,10 +207,38 @@ def test_an_executor_dropped_without_shutdown_is_collected_and_its_threads_end(g
     del ex
     gc.collect()
     assert ref() is None, "something still holds the Executor"
-    assert queued.cancelled()  # the documented choice: a dropped executor cancels its queue
+    # The documented choice: a dropped executor cancels its queue (on a thread of its own).
+    assert wait_for(queued.cancelled, 5)
     gate.gate.set()
     assert running.result(5).text == "echo:running"  # a running call finishes
     assert wait_for(lambda: not any(t.is_alive() for t in threads), 10)
+
+
+def test_the_finalizer_of_a_dropped_executor_cannot_deadlock_a_thread_holding_a_lane_lock(
+        gate: GateProvider) -> None:
+    """The collector may run the finalizer on a worker that holds its lane's lock (not re-entrant):
+    it must hand the work to another thread rather than take that lock again."""
+    from llm_executor.lifecycle.engine import Engine
+
+    ex = Executor(ExecutorConfig(providers={"gate": ProviderConfig(max_parallel=1)}), {"gate": gate})
+    ex.submit(req("gate", "running"))
+    gate.wait_started()
+    queued = ex.submit(req("gate", "queued"))
+    engine = ex._engine
+    returned = threading.Event()
+
+    def collector_on_a_lock_holder() -> None:
+        with engine.lanes["gate"].lock:
+            Engine.abandon(engine)  # what weakref.finalize calls when the Executor is collected
+            returned.set()
+
+    t = threading.Thread(target=collector_on_a_lock_holder, daemon=True)
+    t.start()
+    assert returned.wait(5), "the finalizer blocked on the lane lock its own thread holds"
+    t.join(5)
+    assert wait_for(queued.cancelled, 5)
+    gate.gate.set()
+    ex.shutdown()
 
 
 def test_rebuilding_an_executor_in_a_loop_does_not_pile_up_threads() -> None:

@@ -308,7 +308,22 @@ class Engine:
 
     @staticmethod
     def abandon(engine: Engine) -> None:
-        """The finalizer of a dropped Executor: cancel what is queued, let the threads end."""
+        """The finalizer of a dropped Executor: cancel what is queued, let the threads end.
+
+        A finalizer runs wherever the collector happens to run, which may be a worker holding its
+        lane's lock (a lane lock is not re-entrant: closing the lane there would deadlock), so the
+        work is done on a short-lived thread of its own.
+        """
+        if engine.closed:
+            return
+        try:
+            threading.Thread(target=Engine._abandon, args=(engine,), name="llm-executor-abandon",
+                             daemon=True).start()
+        except RuntimeError:  # the interpreter is shutting down: no new threads
+            Engine._abandon(engine)
+
+    @staticmethod
+    def _abandon(engine: Engine) -> None:
         if engine.closed:
             return
         queued = sum(lane.pending for lane in engine.lanes.values())
