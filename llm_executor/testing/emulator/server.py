@@ -90,6 +90,10 @@ class _Handler(BaseHTTPRequestHandler):
     # held its second segment back under Nagle's algorithm until the client's delayed ACK: ~40 ms
     # added to every reply after a connection's first. Real servers set it (Go's net/http does).
     disable_nagle_algorithm = True
+    # A buffered wfile (StreamRequestHandler's wbufsize), so the status line, headers and a
+    # fixed-length body leave in one write at the flush: one segment for a small reply. Every
+    # reply path flushes: _dispatch below, send_error's replies at finish().
+    wbufsize = -1
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -131,17 +135,16 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header("Transfer-Encoding", "chunked")
             for name, value in reply.headers.items():
                 self.send_header(name, value)
-            if reply.chunks is None:
-                # Headers and body in one write: one segment for a small reply, one syscall.
-                self._headers_buffer.append(b"\r\n" + reply.raw)
-                self.flush_headers()
-                return
             self.end_headers()
-            for chunk in reply.chunks:
-                if chunk:
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                    self.wfile.flush()
-            self.wfile.write(b"0\r\n\r\n")
+            if reply.chunks is None:
+                self.wfile.write(reply.raw)
+            else:
+                for chunk in reply.chunks:
+                    if chunk:
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        self.wfile.flush()
+                self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
         except OSError:
             self.close_connection = True
 
