@@ -442,3 +442,29 @@ def test_recorder_keeps_only_the_newest_max_records() -> None:
         for _ in range(3):
             openai_call(emu)
         assert len(emu.requests()) == 2 and emu.stats("openai").requests == 3
+
+
+# The Linux delayed ACK the stall waits for: 40 ms (tcp_delack_min). A reply on a kept-alive
+# connection that is written as headers then body without TCP_NODELAY waits this long for it.
+DELAYED_ACK_S = 0.040
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["one-body", "streamed"])
+def test_kept_alive_replies_do_not_wait_for_the_delayed_ack(stream: bool) -> None:
+    # Headers and body went out in two writes with Nagle's algorithm on: from the second request
+    # on a kept-alive connection, the body waited for the client's delayed ACK, ~40 ms a reply
+    # with zero configured latency. Compared against the stall, not against a speed: the median
+    # of 20 sequential replies must be well under it, which any working machine gives.
+    payload = {"model": "llama3.2", "stream": stream, "messages": [{"role": "user", "content": "Hi"}]}
+    with Emulator({"ollama": ProviderSim(latency_s=0.0)}) as emu, requests.Session() as session:
+        url = f"{emu.url('ollama')}/api/chat"
+        session.post(url, json=payload, timeout=TIMEOUT).raise_for_status()  # opens the connection
+        took = []
+        for _ in range(20):
+            start = time.monotonic()
+            r = session.post(url, json=payload, timeout=TIMEOUT)
+            took.append(time.monotonic() - start)
+            assert r.status_code == 200 and r.text
+        took.sort()
+        assert took[len(took) // 2] < DELAYED_ACK_S / 2, f"median {took[len(took) // 2] * 1000:.1f} ms"
+        assert sum(took) < 20 * DELAYED_ACK_S / 2, f"20 replies took {sum(took) * 1000:.0f} ms"
