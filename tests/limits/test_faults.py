@@ -153,3 +153,36 @@ def test_redis_lost_mid_run_falls_back_to_local_limits_and_recovers(
     assert not limiter.is_degraded
     other = make_limiter(url, qps=3, burst=3, global_max_parallel=1)
     assert other.try_acquire() > 0.5
+
+
+def test_a_sqlite_file_busy_while_another_process_switches_it_to_wal_is_retried(
+        tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Processes opening a new file at once race to switch it to WAL, and the loser can get
+    "database is locked" at once, without the busy wait: the store's start retries (bounded)."""
+    import sqlite3
+    from pathlib import Path
+
+    from llm_executor.limits import _sqlite
+
+    real_connect = sqlite3.connect
+    answers = {"locked": 2}
+
+    class RacingConnection:
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self._conn = conn
+
+        def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+            if sql.startswith("PRAGMA journal_mode") and answers["locked"]:
+                answers["locked"] -= 1
+                raise sqlite3.OperationalError("database is locked")
+            return self._conn.execute(sql, *args)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._conn, name)
+
+    monkeypatch.setattr(_sqlite.sqlite3, "connect", lambda *a, **k: RacingConnection(real_connect(*a, **k)))
+    backend = _sqlite.SQLiteBackend(f"sqlite:///{Path(str(tmp_path)) / 'race.db'}", "ns:openai")
+    try:
+        assert answers["locked"] == 0  # both refusals were met and retried
+    finally:
+        backend.close()
