@@ -103,12 +103,12 @@ SCHEMA = {"type": "object", "properties": {"summary": {"type": "string"}}, "requ
 SUBMITTERS = 4
 # Rate windows are this much longer than 1 s (ProviderConfig.window_margin_ms; the default is 20).
 # The soak keeps every Future, plan row and emulator record alive, so a gen-2 collection walks
-# ~10^6 objects and stops every thread for 50-150 ms (measured: 5 such pauses per run, printed in
+# ~10^6 objects and stops every thread for 50-180 ms (measured: 5 such pauses per run, printed in
 # the report). One landing between a rate token and the request's arrival at the in-process
 # emulator delays that request past the 20 ms margin, and the emulator then counts QPS+1 in one
 # second (both before and after the lock-free request path; 4 of 11 and 9 of 14 runs). Such a
 # pause is the application's, not the limiter's: docs/failure-modes.md says how to size the margin.
-WINDOW_MARGIN_MS = 200
+WINDOW_MARGIN_MS = 300  # the longest pause seen was 177 ms: room above it
 SHUTDOWN_AT = 0.8
 KILL_AT, RESTART_AT = 0.3, 0.5  # --redis-kill: the private Redis dies and comes back
 
