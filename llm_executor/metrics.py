@@ -245,8 +245,9 @@ class _Tally:
 
 
 _TALLY_COUNTS = tuple(name for name in _Tally.__slots__ if name != "thread")
-# Without the GIL (a free-threaded build) the lock-free updates below take the metrics lock.
-_GIL = bool(getattr(sys, "_is_gil_enabled", lambda: True)())
+# False on a free-threaded build: the lock-free updates here and the lane's lock-free take
+# (``lifecycle.lane``) then take their locks, as single C calls are no longer atomic.
+GIL_ENABLED = bool(getattr(sys, "_is_gil_enabled", lambda: True)())
 
 
 class LaneMetrics:
@@ -291,12 +292,9 @@ class LaneMetrics:
         """Provider calls running now."""
         return len(self._flight)
 
-    def _tally(self) -> _Tally:
-        """The calling thread's tally (made, and registered, on its first count)."""
-        try:
-            return self._local.tally  # type: ignore[no-any-return]
-        except AttributeError:
-            pass
+    def _new_tally(self) -> _Tally:
+        """Make and register the calling thread's tally (its first count on this lane; every
+        later one reads ``_local.tally`` directly, the request path's only lookup)."""
         tally = _Tally(threading.current_thread())
         with self._lock:
             old_retired, tallies = self._books
@@ -373,7 +371,7 @@ class LaneMetrics:
         try:
             tally = self._local.tally
         except AttributeError:
-            tally = self._tally()
+            tally = self._new_tally()
         if queue_ms is not None:
             tally.queue_sum_ms += queue_ms
             tally.queue_n += 1
@@ -384,7 +382,7 @@ class LaneMetrics:
         flight.append(None)
         in_flight = len(flight)  # exact at this instant, this call included
         if in_flight > self.max_in_flight:
-            if _GIL:  # no switch between the test and the store under the GIL in practice
+            if GIL_ENABLED:  # no switch between the test and the store under the GIL in practice
                 self.max_in_flight = in_flight
             else:
                 with self._lock:
@@ -414,7 +412,7 @@ class LaneMetrics:
         try:
             tally = self._local.tally
         except AttributeError:
-            tally = self._tally()
+            tally = self._new_tally()
         if prompt_tokens:
             tally.prompt_tokens += prompt_tokens
         if completion_tokens:
@@ -428,11 +426,11 @@ class LaneMetrics:
         try:
             tally = self._local.tally
         except AttributeError:
-            tally = self._tally()
+            tally = self._new_tally()
         tally.completed += 1
         tally.latency_sum_ms += latency_ms
         tally.latency_n += 1
-        if _GIL:
+        if GIL_ENABLED:
             self.recent_ms.append(latency_ms)  # atomic; snapshot() copies it in one C call
         else:
             with self._lock:
@@ -459,9 +457,13 @@ class LaneMetrics:
 
     def mean_latency_s(self) -> float | None:
         """Mean provider time of successful attempts, seconds (None before the first)."""
-        with self._lock:
-            total = self._totals()
-        return total.latency_sum_ms / total.latency_n / 1000.0 if total.latency_n else None
+        # Read on "auto" routing's submit path: no lock and no totals object, just the two sums
+        # (the books are one tuple, replaced whole; each count is read once).
+        retired, tallies = self._books
+        n = retired.latency_n + sum(t.latency_n for t in tallies)
+        if not n:
+            return None
+        return (retired.latency_sum_ms + sum(t.latency_sum_ms for t in tallies)) / n / 1000.0
 
     def snapshot(self, queued: int, submitted: int, paused_until: float | None,
                  fallbacks_in: int = 0) -> ProviderStats:

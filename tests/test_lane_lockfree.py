@@ -241,8 +241,11 @@ def test_max_in_flight_is_never_above_the_calls_really_running() -> None:
 
 def test_a_build_without_the_gil_takes_under_the_lock_and_still_serves_everyone(monkeypatch: Any) -> None:
     import llm_executor.lifecycle.lane as lane_module
+    import llm_executor.metrics as metrics_module
 
-    monkeypatch.setattr(lane_module, "_GIL", False)  # the free-threaded branch, on this build
+    # The free-threaded branches, on this build: the lane's locked take, the metrics' locked updates.
+    monkeypatch.setattr(lane_module, "GIL_ENABLED", False)
+    monkeypatch.setattr(metrics_module, "GIL_ENABLED", False)
     config = ExecutorConfig(providers={"fake": ProviderConfig(max_parallel=2)}, queue_size=4,
                             backpressure="block", block_timeout=10)
     with Executor(config, {"fake": FakeProvider()}) as ex:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import heapq
 import logging
 import queue
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -47,7 +46,7 @@ from typing import TYPE_CHECKING, Protocol
 from ..config import ExecutorConfig, ProviderConfig, known
 from ..errors import ExecutorShutdownError, QueueFullError
 from ..limits.concurrency import GradientLimit
-from ..metrics import LaneMetrics
+from ..metrics import GIL_ENABLED, LaneMetrics
 from ..providers.protocol import Provider
 from ..types import Capabilities
 from .request import Request
@@ -65,8 +64,6 @@ log = logging.getLogger("llm_executor")
 LINGER_S = 0.05
 # Before the first response, how long one provider call is assumed to take (for estimates).
 _ASSUMED_CALL_S = 0.5
-# heappop and dict.pop are atomic only under the GIL: a free-threaded build pops under the lock.
-_GIL = bool(getattr(sys, "_is_gil_enabled", lambda: True)())
 _heappop, _heappush = heapq.heappop, heapq.heappush
 
 
@@ -366,7 +363,7 @@ class Lane:
                     if self.active > self.max_parallel:
                         self.active -= 1  # the learned cap fell: leave between calls, never during one
                         return None
-            if _GIL:
+            if GIL_ENABLED:  # heappop and dict.pop are atomic
                 request = self._take()
             else:  # a free-threaded build
                 with self.lock:

@@ -174,7 +174,9 @@ def test_a_sqlite_file_busy_while_another_process_switches_it_to_wal_is_retried(
         def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
             if sql.startswith("PRAGMA journal_mode") and answers["locked"]:
                 answers["locked"] -= 1
-                raise sqlite3.OperationalError("database is locked")
+                busy = sqlite3.OperationalError("database is locked")  # as sqlite3 raises it
+                busy.sqlite_errorcode, busy.sqlite_errorname = sqlite3.SQLITE_BUSY, "SQLITE_BUSY"
+                raise busy
             return self._conn.execute(sql, *args)
 
         def __getattr__(self, name: str) -> object:
