@@ -367,6 +367,12 @@ class LaneLimiter:
                     horizon = now_ms - max(r.interval_ms for r in ask.rates)
                     while self._recent and self._recent[0][0] < horizon:
                         self._recent.popleft()
+                    local = self._local
+                    if local is not None:
+                        # Another thread found the store lost between this grant and now, and
+                        # built the local limits without this start: it counts there too.
+                        local.record(Admitted(rate_entries=((ask.member, -verdict.wait_ms),)), ask.rates,
+                                     self._lease_ttl_ms)
         return backend, verdict
 
     # -- one start: slot, tokens, rate ---------------------------------------------------------
@@ -487,6 +493,10 @@ class LaneLimiter:
             self._leases[holder] = backend
             if backend is self._shared and self._is_shared:
                 self._start_renewer()
+                if self._local is not None:
+                    # The store was found lost after it granted this slot, and the local limits
+                    # were built without it: the slot counts there too (release frees both).
+                    self._local.record(Admitted(holders=(holder,)), self._rates, self._lease_ttl_ms)
         released = threading.Event()
 
         def release() -> None:

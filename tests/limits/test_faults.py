@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from urllib.parse import urlsplit
 
 import pytest
 
 from llm_executor import limits
-from llm_executor.errors import ConfigError, ProviderUnavailableError
+from llm_executor.errors import ConfigError, DeadlineExceededError, ProviderUnavailableError
 
 from .conftest import REDIS_URL, MakeLimiter, redis_client_or_skip
 
@@ -153,6 +154,76 @@ def test_redis_lost_mid_run_falls_back_to_local_limits_and_recovers(
     assert not limiter.is_degraded
     other = make_limiter(url, qps=3, burst=3, global_max_parallel=1)
     assert other.try_acquire() > 0.5
+
+
+def test_a_start_the_store_granted_while_another_thread_found_it_lost_counts_in_the_local_limits(
+        proxied_redis_url: tuple[TcpProxy, str], make_limiter: MakeLimiter,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Thread A's admission is granted by the store; before A notes that start, thread B's call
+    finds the store gone and builds the local limits from the starts noted so far. A's start
+    must count there too, or the local limits admit one start too many in that window (the soak
+    saw 81 starts in 1 s at QPS 80 across a Redis kill once; this race is one way to get there).
+    """
+    monkeypatch.setattr(limits, "RECOVERY_CHECK_S", 3600.0)  # stay local for the rest of the test
+    _, url = proxied_redis_url
+    limiter = make_limiter(url, backend_failure="local", qps=3, burst=3)
+    shared = limiter._shared
+    real_admit = shared.admit
+    granted, lost = threading.Event(), threading.Event()
+
+    def admit_then_stall(ask: object) -> object:
+        verdict = real_admit(ask)  # type: ignore[arg-type]
+        granted.set()
+        assert lost.wait(10)
+        return verdict
+
+    monkeypatch.setattr(shared, "admit", admit_then_stall)
+    waits: list[float] = []
+    a = threading.Thread(target=lambda: waits.append(limiter.try_acquire()))
+    a.start()
+    assert granted.wait(10)
+    limiter._lost(limits.BackendLostError("connection reset"))  # thread B's view of the same moment
+    lost.set()
+    a.join(10)
+    assert waits == [0.0] and limiter.is_degraded
+    # A's start is one of the window's 3: the local limits admit 2 more, not 3.
+    assert [limiter.try_acquire() == 0.0 for _ in range(3)] == [True, True, False]
+
+
+def test_a_slot_the_store_granted_while_another_thread_found_it_lost_is_held_in_the_local_limits(
+        proxied_redis_url: tuple[TcpProxy, str], make_limiter: MakeLimiter,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same race for a GLOBAL_MAX_PARALLEL slot: granted by the store, leased after thread B
+    # built the local limits. The local cap of 1 must see it held until it is released.
+    monkeypatch.setattr(limits, "RECOVERY_CHECK_S", 3600.0)
+    _, url = proxied_redis_url
+    limiter = make_limiter(url, backend_failure="local", global_max_parallel=1)
+    shared = limiter._shared
+    real_admit = shared.admit
+    granted, lost = threading.Event(), threading.Event()
+
+    def admit_then_stall(ask: object) -> object:
+        verdict = real_admit(ask)  # type: ignore[arg-type]
+        granted.set()
+        assert lost.wait(10)
+        return verdict
+
+    monkeypatch.setattr(shared, "admit", admit_then_stall)
+    stopping = threading.Event()
+    releases: list[object] = []
+    a = threading.Thread(target=lambda: releases.append(limiter.acquire_slot(stopping)))
+    a.start()
+    assert granted.wait(10)
+    limiter._lost(limits.BackendLostError("connection reset"))
+    lost.set()
+    a.join(10)
+    assert len(releases) == 1 and callable(releases[0])
+    with pytest.raises(DeadlineExceededError):  # the one slot is A's
+        limiter.acquire_slot(stopping, deadline_monotonic=time.monotonic() + 0.05)
+    releases[0]()
+    release = limiter.acquire_slot(stopping, deadline_monotonic=time.monotonic() + 5)
+    assert release is not None
+    release()
 
 
 def test_a_sqlite_file_busy_while_another_process_switches_it_to_wal_is_retried(
