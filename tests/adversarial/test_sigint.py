@@ -69,14 +69,13 @@ class _Armed:
             raise KeyboardInterrupt
 
 
-def _fire_after(delay_s: float, main_id: int, done: threading.Event) -> threading.Thread:
+def _sender(delay_s: float, main_id: int, done: threading.Event) -> threading.Thread:
+    """A thread (not started) that interrupts the main thread after ``delay_s`` unless ``done``."""
     def fire() -> None:
         if not done.wait(delay_s):
             signal.pthread_kill(main_id, signal.SIGINT)
 
-    thread = threading.Thread(target=fire, name="sigint-sender", daemon=True)
-    thread.start()
-    return thread
+    return threading.Thread(target=fire, name="sigint-sender", daemon=True)
 
 
 def _workload(ex: Executor, kind: str, futures: list[Future[LLMResponse]]) -> None:
@@ -126,9 +125,12 @@ def test_sigint_at_random_points_leaves_a_reusable_consistent_executor() -> None
             kind = rng.choice(["submit", "result", "map"])
             done = threading.Event()
             try:
+                # Built before it starts: the signal may land before start() returns (seen under load,
+                # when assigning start()'s result left `sender` unbound).
+                sender = _sender(rng.uniform(0.0, 0.0006), main_id, done)
                 try:
                     state.armed = True
-                    sender = _fire_after(rng.uniform(0.0, 0.0006), main_id, done)
+                    sender.start()
                     _workload(ex, kind, futures)
                     state.armed = False
                 except KeyboardInterrupt:
