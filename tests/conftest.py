@@ -67,8 +67,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if _pauses.long:
         # A collection's time includes the finalizers it runs (__del__, weakref callbacks), which
-        # may release the GIL: a long one here is not always a pause of every thread.
+        # may release the GIL, and a test's own gc.collect() is listed too (the soak's, after its
+        # run, for its memory figure): a long one here is not always a pause inside a test's run.
         terminalreporter.write_line(f"garbage collections longer than {LONG_PAUSE_MS:.0f} ms "
-                                    "(finalizers included):")
+                                    "(finalizers and explicit gc.collect() calls included):")
         for ms, generation, test in sorted(_pauses.long, reverse=True)[:10]:
             terminalreporter.write_line(f"  {ms:6.0f} ms  gen {generation}  {test}")

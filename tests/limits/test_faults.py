@@ -156,6 +156,23 @@ def test_redis_lost_mid_run_falls_back_to_local_limits_and_recovers(
     assert other.try_acquire() > 0.5
 
 
+def _stall_grants(limiter: limits.LaneLimiter,
+                  monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Make the store's grants wait before they reach their caller: ``granted`` is set once the
+    store has granted, and the reply goes on only when the test sets ``lost``."""
+    real_admit = limiter._shared.admit
+    granted, lost = threading.Event(), threading.Event()
+
+    def admit_then_stall(ask: object) -> object:
+        verdict = real_admit(ask)  # type: ignore[arg-type]
+        granted.set()
+        assert lost.wait(10)
+        return verdict
+
+    monkeypatch.setattr(limiter._shared, "admit", admit_then_stall)
+    return granted, lost
+
+
 def test_a_start_the_store_granted_while_another_thread_found_it_lost_counts_in_the_local_limits(
         proxied_redis_url: tuple[TcpProxy, str], make_limiter: MakeLimiter,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -167,17 +184,7 @@ def test_a_start_the_store_granted_while_another_thread_found_it_lost_counts_in_
     monkeypatch.setattr(limits, "RECOVERY_CHECK_S", 3600.0)  # stay local for the rest of the test
     _, url = proxied_redis_url
     limiter = make_limiter(url, backend_failure="local", qps=3, burst=3)
-    shared = limiter._shared
-    real_admit = shared.admit
-    granted, lost = threading.Event(), threading.Event()
-
-    def admit_then_stall(ask: object) -> object:
-        verdict = real_admit(ask)  # type: ignore[arg-type]
-        granted.set()
-        assert lost.wait(10)
-        return verdict
-
-    monkeypatch.setattr(shared, "admit", admit_then_stall)
+    granted, lost = _stall_grants(limiter, monkeypatch)
     waits: list[float] = []
     a = threading.Thread(target=lambda: waits.append(limiter.try_acquire()))
     a.start()
@@ -198,17 +205,7 @@ def test_a_slot_the_store_granted_while_another_thread_found_it_lost_is_held_in_
     monkeypatch.setattr(limits, "RECOVERY_CHECK_S", 3600.0)
     _, url = proxied_redis_url
     limiter = make_limiter(url, backend_failure="local", global_max_parallel=1)
-    shared = limiter._shared
-    real_admit = shared.admit
-    granted, lost = threading.Event(), threading.Event()
-
-    def admit_then_stall(ask: object) -> object:
-        verdict = real_admit(ask)  # type: ignore[arg-type]
-        granted.set()
-        assert lost.wait(10)
-        return verdict
-
-    monkeypatch.setattr(shared, "admit", admit_then_stall)
+    granted, lost = _stall_grants(limiter, monkeypatch)
     stopping = threading.Event()
     releases: list[object] = []
     a = threading.Thread(target=lambda: releases.append(limiter.acquire_slot(stopping)))
