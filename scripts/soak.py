@@ -68,7 +68,7 @@ from typing import Any
 
 from llm_executor import Capabilities, Executor, ExecutorConfig, LLMRequest, LLMResponse, ProviderConfig
 from llm_executor.errors import ExecutorShutdownError, ProviderUnavailableError
-from llm_executor.testing import Emulator, ProviderSim
+from llm_executor.testing import Emulator, GcPauses, ProviderSim
 
 __all__ = ["LANES", "SoakReport", "main", "run_soak"]
 
@@ -354,22 +354,6 @@ def make_plan(n: int, seed: int, *, cancels: bool = True, double_cancel: bool = 
     return plan
 
 
-class _GcPauses:
-    """Counts garbage collections and the longest (a stop-the-world pause for every thread)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.longest_s = 0.0
-        self._started = 0.0
-
-    def callback(self, phase: str, info: dict[str, Any]) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-        else:
-            self.count += 1
-            self.longest_s = max(self.longest_s, time.perf_counter() - self._started)
-
-
 def run_soak(requests: int = 10_000, fault_rate: float = 0.3, seed: int = 0, *, trace_memory: bool = True,
              cancels: bool = True, double_cancel: bool = True, shutdown_at: float = SHUTDOWN_AT,
              progress: bool = False, fallbacks: bool = True, redis_kill: str | None = None) -> SoakReport:
@@ -414,20 +398,20 @@ def run_soak(requests: int = 10_000, fault_rate: float = 0.3, seed: int = 0, *, 
             lg.setLevel(logging.NOTSET)
     if trace_memory:
         tracemalloc.start()
-    pauses = _GcPauses()
     # What the process held before the run (in pytest: every earlier test's objects, a heap of
     # 500 MB in CI) is frozen, so the run's collections walk only the run's own objects: a CI run
     # paused 352 ms walking pytest's heap, past the window margin. gc.freeze is CPython's tool for
     # this (its docs: freeze a long-lived heap once); docs/failure-modes.md suggests it to users.
     gc.collect()
     gc.freeze()
-    gc.callbacks.append(pauses.callback)
+    pauses = GcPauses()
     t0 = time.monotonic()
     try:
-        _run(report, plan, keys, scanner, fault_rate, seed, baseline, shutdown_at, progress, fallbacks, redis_kill)
+        with pauses:
+            _run(report, plan, keys, scanner, fault_rate, seed, baseline, shutdown_at, progress, fallbacks,
+                 redis_kill)
     finally:
         report.duration_s = time.monotonic() - t0
-        gc.callbacks.remove(pauses.callback)
         gc.unfreeze()
         report.memory.update(gc_collections=pauses.count, gc_longest_pause_ms=pauses.longest_s * 1000.0)
         if trace_memory:

@@ -3,7 +3,8 @@
 * ``Emulator`` / ``ProviderSim``: a local HTTP server speaking the openai, gemini and ollama wire
   formats, with its own limits, seeded faults, a deterministic responder and a recorder.
 * ``ScriptedProvider``: a ``Provider`` that plays back a list of replies.
-* ``max_in_window``: the most timestamps in any sliding window, to assert a rate limit held.
+* ``max_in_window``: the most timestamps in any sliding window, to assert a rate limit held;
+  ``GcPauses``: the collector's pauses, which can explain a window over its limit.
 * ``serve``: run an emulator until Ctrl-C (the ``llm-executor emulate`` command).
 * The pytest fixture ``llm_emulator`` (``llm_executor.testing.pytest_plugin``) is registered by
   the package's ``pytest11`` entry point.
@@ -18,7 +19,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .audit import max_in_window
+    from .audit import GcPauses, max_in_window
     from .emulator import FAULT_KINDS, PROVIDERS, Emulator, EmulatorStats, ProviderSim, RecordedRequest, serve
     from .responder import extract_entities, names_match, reply_text, value_for_schema
     from .scripted import ScriptedProvider, ScriptExhaustedError
@@ -28,6 +29,7 @@ __all__ = [
     "PROVIDERS",
     "Emulator",
     "EmulatorStats",
+    "GcPauses",
     "ProviderSim",
     "RecordedRequest",
     "ScriptExhaustedError",
@@ -49,6 +51,7 @@ _HOMES = {
     "RecordedRequest": "emulator",
     "serve": "emulator",
     "extract_entities": "responder",
+    "GcPauses": "audit",
     "max_in_window": "audit",
     "names_match": "responder",
     "reply_text": "responder",
